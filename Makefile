@@ -1,0 +1,47 @@
+# The two commands a newcomer needs: `make lab` opens the course, `make test` runs every test.
+# Both create .venv on first use (only python3 and pip are required) and refresh it when pyproject.toml changes.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.gpt2lab-installed
+LAB_ARGS ?=
+
+# Data: GPT2LAB_DATA if set, else ../shared/data beside the checkout when it exists, else <repo>/data.
+SHARED_DATA := $(wildcard $(abspath ../shared/data))
+ifeq ($(origin GPT2LAB_DATA), undefined)
+  ifneq ($(SHARED_DATA),)
+    export GPT2LAB_DATA := $(SHARED_DATA)
+  endif
+endif
+
+.PHONY: lab test lint student solutions bench help
+help:
+	@echo "make lab       open the course in JupyterLab (notebooks/00_welcome.ipynb)"
+	@echo "make test      lint, check notebooks/ is in step, run pytest and nbval (quick mode)"
+	@echo "make student   regenerate notebooks/ from solutions/"
+	@echo "make solutions re-execute solutions/ in quick mode (refreshes the outputs nbval checks)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+lab: $(STAMP)
+	$(PY) -m ipykernel install --user --name gpt2lab --display-name "Python (gpt2lab)" >/dev/null
+	$(VENV)/bin/jupyter lab notebooks/00_welcome.ipynb $(LAB_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check lib tests solutions notebooks
+
+test: lint
+	$(PY) -m gpt2lab.course build --check
+	GPT2LAB_QUICK=1 MPLBACKEND=Agg $(PY) -m pytest tests solutions --nbval-lax --nbval-current-env -p no:cacheprovider
+
+student: $(STAMP)
+	$(PY) -m gpt2lab.course build
+
+solutions: $(STAMP)
+	GPT2LAB_QUICK=1 $(PY) -m gpt2lab.course execute
+	$(PY) -m gpt2lab.course build

@@ -1,0 +1,12 @@
+"""gpt2lab: build GPT-2 and its fine-tuning toolbox from scratch, one notebook at a time.
+
+Every module here is the one importable copy of something a notebook builds; each object's docstring
+names that notebook. Layers (each imports only from the ones before it):
+data, tokenizer, metrics -> attention -> model -> generate; optim and lora (no GPT-2 knowledge);
+smart; tasks -> train -> experiments -> bench. `checks` and `course` serve the notebooks and tooling.
+"""
+
+from .environment import Setup, setup
+
+__version__ = "0.1.0"
+__all__ = ["Setup", "setup", "__version__"]

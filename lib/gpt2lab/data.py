@@ -1,0 +1,322 @@
+"""The data layer: where the files live, and loaders for the sonnets and the Quora question pairs.
+
+Built in notebook 00 (welcome), §2. The directory comes from GPT2LAB_DATA (default <repo>/data); every
+loader validates what it reads and says in one line what is wrong and how to fix it.
+
+    python -m gpt2lab.data info        what is present, where
+    python -m gpt2lab.data download    fetch the public files into the data directory (needs internet)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import unicodedata
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA_ENV = "GPT2LAB_DATA"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FETCH_HINT = "python -m gpt2lab.data download"
+
+SONNET_FILES = {
+    "train": "sonnets.txt",
+    "dev": "sonnets_held_out_dev.txt",
+    "dev_gold": "TRUE_sonnets_held_out_dev.txt",
+    "test": "sonnets_held_out.txt",
+}
+QUORA_FILES = {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"}
+TOKENIZER_DIR = "gpt2-tokenizer"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+_CS224N_GPT = "https://raw.githubusercontent.com/yichang-yang/cs224n_gpt/306e163a0430dcc26697debebeefedffdd016bc7/data/"
+_CS224N_GPT_QUORA = "https://raw.githubusercontent.com/yichang-yang/cs224n_gpt/c541006c9c3c65b61438b229619e2e330563baad/data/"
+_MINBERT_DEV = "https://raw.githubusercontent.com/gpoesia/minbert-default-final-project/571f43439d622b9443b984b09b1ee439b7f873df/data/"
+_MINBERT_TRAIN = "https://raw.githubusercontent.com/VoidMercy/minbert-default-final-project/2a5fa9e/data/"
+_GPT2_HUB = "https://huggingface.co/openai-community/gpt2/resolve/main/"
+# file in the data dir -> (url, first 16 hex digits of its sha256, or None where the online copy is larger)
+DOWNLOADS = {
+    "sonnets.txt": (_CS224N_GPT + "sonnets.txt", "1e97adb7182237e4"),
+    "sonnets_held_out_dev.txt": (_CS224N_GPT + "sonnets_held_out_dev.txt", "309ae8da81a24de6"),
+    "TRUE_sonnets_held_out_dev.txt": (_CS224N_GPT + "TRUE_sonnets_held_out_dev.txt", "fb41ee87e70107f5"),
+    "sonnets_held_out.txt": (_CS224N_GPT + "sonnets_held_out.txt", "daf7afd5d932acbe"),
+    "quora-train.csv": (_MINBERT_TRAIN + "quora-train.csv", None),
+    "quora-dev.csv": (_MINBERT_DEV + "quora-dev.csv", "bfa3cc954a9ba300"),
+    "quora-test-student.csv": (_CS224N_GPT_QUORA + "quora-test-student-30.csv", "55ca417ee53f0d02"),
+    "gpt2-tokenizer/vocab.json": (_GPT2_HUB + "vocab.json", "196139668be63f3b"),
+    "gpt2-tokenizer/merges.txt": (_GPT2_HUB + "merges.txt", "1ce1664773c50f3e"),
+}
+
+
+class DataError(ValueError):
+    """A data file is present but wrong: the message names the file, the row and the problem."""
+
+
+class DataFileMissing(FileNotFoundError):
+    """A data file is absent: the message names it, the directory searched and the command that fetches it."""
+
+
+def data_dir() -> Path:
+    """The data directory: $GPT2LAB_DATA if set, else <repo>/data."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser().resolve() if env else REPO_ROOT / "data"
+
+
+def data_path(name: str) -> Path:
+    """Path of a data file, or DataFileMissing in one line that says how to get it."""
+    path = data_dir() / name
+    if not path.exists():
+        raise DataFileMissing(
+            f"{name} not found in {path.parent} (set {DATA_ENV} to the folder that holds it, or run `{FETCH_HINT}`)"
+        )
+    return path
+
+
+def describe_data_dir() -> list[tuple[str, bool]]:
+    """(file, present?) for every file the course reads."""
+    names = [*SONNET_FILES.values(), *QUORA_FILES.values(), *(f"{TOKENIZER_DIR}/{f}" for f in TOKENIZER_FILES)]
+    root = data_dir()
+    return [(name, (root / name).is_file()) for name in names]
+
+
+def normalize_text(text: str) -> str:
+    """The one normalisation applied to every sentence, train and eval alike: NFC, single spaces, stripped."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip()
+
+
+# ----------------------------------------------------------------------------------------------- sonnets
+
+
+@dataclass(frozen=True)
+class Sonnet:
+    """One sonnet (or a sonnet's first lines, for the dev/test prompts): its number and its text."""
+
+    number: int
+    text: str
+
+    @property
+    def lines(self) -> list[str]:
+        return self.text.split("\n")
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_sonnets(text: str, source: str = "<text>") -> list[Sonnet]:
+    """Split a sonnet file on lines that hold only a number; drop the header before the first one."""
+    blocks = re.split(r"^[ \t]*(\d+)[ \t]*$", text, flags=re.MULTILINE)
+    # blocks = [header, number, body, number, body, ...]
+    sonnets = []
+    for number, body in zip(blocks[1::2], blocks[2::2]):
+        body = body.strip("\n").rstrip()
+        if not body.strip():
+            raise DataError(f"{source}: sonnet {number} has no lines (is the file truncated?)")
+        sonnets.append(Sonnet(int(number), body))
+    if not sonnets:
+        raise DataError(f"{source}: no sonnets found (expected lines holding only a sonnet number)")
+    return sonnets
+
+
+def load_sonnets(split: str = "train", gold: bool = False) -> list[Sonnet]:
+    """Sonnets of a split: train (1-131, full), dev (prompts: first 3 lines of 132-143), test (prompts).
+
+    `gold=True` with split="dev" gives the full dev sonnets, the chrF references. Built in notebook 00, §2.
+    """
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"split must be 'train', 'dev' or 'test', not {split!r}")
+    if gold and split != "dev":
+        raise ValueError("gold=True exists only for split='dev' (the test sonnets were never published)")
+    name = SONNET_FILES["dev_gold" if gold else split]
+    path = data_path(name)
+    return parse_sonnets(path.read_text(encoding="utf-8"), source=name)
+
+
+# ------------------------------------------------------------------------------------------------- quora
+
+
+@dataclass(frozen=True)
+class QuoraPair:
+    """One question pair; `label` is 1 (paraphrase), 0 (not) or None (test split, unlabelled)."""
+
+    id: str
+    sentence1: str
+    sentence2: str
+    label: int | None
+
+
+@dataclass(frozen=True)
+class BadRow:
+    line: int
+    problem: str
+
+
+@dataclass
+class QuoraSplit:
+    """The pairs of one split, plus the malformed rows that were reported and left out (never silently)."""
+
+    name: str
+    pairs: list[QuoraPair]
+    bad_rows: list[BadRow] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        return self.pairs[i]
+
+    def __iter__(self) -> Iterator[QuoraPair]:
+        return iter(self.pairs)
+
+    def report(self) -> str:
+        if not self.bad_rows:
+            return f"{self.name}: {len(self.pairs)} pairs"
+        where = ", ".join(f"line {b.line} ({b.problem})" for b in self.bad_rows[:5])
+        more = f" and {len(self.bad_rows) - 5} more" if len(self.bad_rows) > 5 else ""
+        return f"{self.name}: {len(self.pairs)} pairs; left out {len(self.bad_rows)} malformed rows: {where}{more}"
+
+
+REQUIRED_COLUMNS = ("id", "sentence1", "sentence2")
+LABEL_COLUMN = "is_duplicate"
+
+
+def _unquote(field_text: str) -> str:
+    """Undo CSV quoting of one tab-separated field ("a ""b""" -> a "b")."""
+    if len(field_text) >= 2 and field_text[0] == '"' and field_text[-1] == '"':
+        return field_text[1:-1].replace('""', '"')
+    return field_text
+
+
+def _parse_label(raw: str) -> int:
+    value = float(raw)  # ValueError for empty or text labels
+    if value not in (0.0, 1.0):
+        raise ValueError(f"label {raw!r} is not 0 or 1")
+    return int(value)
+
+
+def parse_quora(text: str, source: str = "<text>", labelled: bool = True, on_bad: str = "report") -> QuoraSplit:
+    """Parse a tab-separated Quora file, reading columns by name (both layouts: with or without index column).
+
+    Each physical line is one row (the files hold no embedded tabs or newlines), so line numbers are exact.
+    Rows whose label is empty or not 0/1 are collected in `bad_rows` (on_bad="report") or raise (on_bad="raise").
+    """
+    if on_bad not in ("report", "raise"):
+        raise ValueError(f"on_bad must be 'report' or 'raise', not {on_bad!r}")
+    lines = text.split("\n")
+    if not text.strip():
+        raise DataError(f"{source}: the file is empty (expected a header line with id, sentence1, sentence2)")
+    header = [h.strip() for h in lines[0].rstrip("\r").split("\t")]
+    missing = [c for c in (*REQUIRED_COLUMNS, *((LABEL_COLUMN,) if labelled else ())) if c not in header]
+    if missing:
+        raise DataError(f"{source}: line 1: missing column(s) {', '.join(missing)}; found {header} (tab-separated)")
+    col = {name: header.index(name) for name in (*REQUIRED_COLUMNS, LABEL_COLUMN) if name in header}
+    pairs, bad = [], []
+    for lineno, line in enumerate(lines[1:], start=2):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        fields = line.split("\t")
+        problem = None
+        if len(fields) != len(header):
+            problem = f"{len(fields)} fields, expected {len(header)}"
+        else:
+            fields = [_unquote(f) for f in fields]
+            label = None
+            if labelled:
+                try:
+                    label = _parse_label(fields[col[LABEL_COLUMN]])
+                except ValueError:
+                    raw = fields[col[LABEL_COLUMN]]
+                    problem = "empty label" if not raw.strip() else f"unparsable label {raw!r}"
+        if problem:
+            if on_bad == "raise":
+                raise DataError(f"{source}: line {lineno}: {problem}")
+            bad.append(BadRow(lineno, problem))
+            continue
+        pairs.append(
+            QuoraPair(
+                id=fields[col["id"]].strip(),
+                sentence1=normalize_text(fields[col["sentence1"]]),
+                sentence2=normalize_text(fields[col["sentence2"]]),
+                label=label,
+            )
+        )
+    if not pairs:
+        raise DataError(f"{source}: no usable rows (the file has only a header, or every row is malformed)")
+    return QuoraSplit(source, pairs, bad)
+
+
+def load_quora(split: str = "train", limit: int | None = None, verbose: bool = True) -> QuoraSplit:
+    """Question pairs of a split (train / dev labelled, test unlabelled). Built in notebook 00, §2.
+
+    Malformed rows are left out and reported in one printed line (and kept in `.bad_rows`).
+    Note: the offline train file is only the first 14,139 rows of its split (data/README.md).
+    """
+    if split not in QUORA_FILES:
+        raise ValueError(f"split must be one of {sorted(QUORA_FILES)}, not {split!r}")
+    name = QUORA_FILES[split]
+    result = parse_quora(data_path(name).read_text(encoding="utf-8"), source=name, labelled=split != "test")
+    if verbose and result.bad_rows:
+        print(result.report(), file=sys.stderr)
+    if limit is not None:
+        result.pairs = result.pairs[:limit]
+    return result
+
+
+# -------------------------------------------------------------------------------------- command line
+
+
+def sha256_prefix(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def download(force: bool = False) -> None:
+    """Fetch every course file into the data directory (needs internet access; tests never call it)."""
+    root = data_dir()
+    for name, (url, sha_prefix) in DOWNLOADS.items():
+        target = root / name
+        if target.exists() and not force:
+            print(f"[skip] {name} (present)")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(target.suffix + ".part")
+        print(f"[get ] {name} <- {url}")
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            out.write(response.read())
+        if sha_prefix and sha256_prefix(tmp) != sha_prefix:
+            tmp.unlink()
+            raise DataError(f"{name}: checksum mismatch after download from {url}; the file was not kept")
+        tmp.replace(target)  # atomic: an interrupted download never leaves a half file under the real name
+
+
+def info() -> None:
+    root = data_dir()
+    print(f"data directory: {root}  ({'from ' + DATA_ENV if os.environ.get(DATA_ENV) else 'default'})")
+    for name, present in describe_data_dir():
+        size = f"{(root / name).stat().st_size:>9,} bytes" if present else "  missing"
+        print(f"  {size}  {name}")
+    if not all(present for _, present in describe_data_dir()):
+        print(f"fetch the missing files with `{FETCH_HINT}`, or point {DATA_ENV} at a folder that has them")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m gpt2lab.data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="list the data files and whether they are present")
+    get = sub.add_parser("download", help="fetch the public data files (needs internet)")
+    get.add_argument("--force", action="store_true", help="download again even if present")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+    else:
+        download(force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
