@@ -184,7 +184,7 @@ LABEL_COLUMN = "is_duplicate"
 
 
 def _unquote(field_text: str) -> str:
-    """Undo CSV quoting of one tab-separated field ("a ""b""" -> a "b")."""
+    """Undo CSV quoting of one tab-separated field: drop the outer quotes, turn each doubled quote into one."""
     if len(field_text) >= 2 and field_text[0] == '"' and field_text[-1] == '"':
         return field_text[1:-1].replace('""', '"')
     return field_text

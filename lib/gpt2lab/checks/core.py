@@ -1,0 +1,140 @@
+"""The machinery behind every check cell: a result that prints as one line, and a strict tensor comparison.
+
+Used by the check modules of every notebook (00 welcome onward). The tone follows a good `cmp()` self-check:
+✓ says what passed; ✗ says which element differs, expected vs got, and the max abs difference; a stub that
+still raises NotImplementedError reads "not implemented yet". ✓ lines never print machine-dependent floats,
+so nbval can compare them across machines.
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """passed + one line of feedback; displays as that line in a notebook and is truthy when passed."""
+
+    name: str
+    passed: bool
+    message: str
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        return f"{'✓' if self.passed else '✗'} {self.name}: {self.message}"
+
+    __repr__ = __str__
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython display: the bare line
+        printer.text(str(self))
+
+
+def ok(name: str, message: str) -> CheckResult:
+    return CheckResult(name, True, message)
+
+
+def fail(name: str, message: str) -> CheckResult:
+    return CheckResult(name, False, message)
+
+
+def check(name: str) -> Callable:
+    """Decorator for a check function returning a CheckResult (or a message string for ✓).
+
+    Turns NotImplementedError into "not implemented yet" and any other exception raised by the student's code
+    into a ✗ line naming it, so a check cell never shows a traceback for an unfinished exercise.
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kwargs) -> CheckResult:
+            try:
+                result = fn(*args, **kwargs)
+            except NotImplementedError:
+                return fail(name, "not implemented yet (replace `raise NotImplementedError()` with your code)")
+            except _Mismatch as err:
+                return fail(name, str(err))
+            except Exception as err:  # the student's code raised: say what, and where in their code
+                frame = _last_user_frame(err)
+                return fail(name, f"your code raised {type(err).__name__}: {err}{frame}")
+            return result if isinstance(result, CheckResult) else ok(name, str(result))
+
+        return run
+
+    return wrap
+
+
+class _Mismatch(AssertionError):
+    """Raised inside a check by `expect`/`compare(..., raise_=True)`; becomes the ✗ line."""
+
+
+def expect(condition: bool, message: str) -> None:
+    """Inside a @check function: stop with ✗ `message` when `condition` is false."""
+    if not condition:
+        raise _Mismatch(message)
+
+
+def _last_user_frame(err: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "gpt2lab" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (line {f.lineno}: {f.line.strip()})" if f.line else ""
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def compare(what: str, got, expected, atol: float = 1e-5, rtol: float = 0.0) -> str:
+    """Compare a tensor (or array/number) with the reference; return a ✓ message or raise the ✗ line.
+
+    Checks type, shape, NaN/inf, then values; on a mismatch names the first worst element, expected vs got and
+    the max abs difference, e.g. "scores[0, 2, 1]: expected 0.25, got 0.5 (max |diff| 0.25, atol 1e-05)".
+    """
+    import torch
+
+    if got is None:
+        raise _Mismatch(f"{what} is None: did you forget to `return` it?")
+    try:
+        got_t = torch.as_tensor(got)
+    except Exception as err:
+        raise _Mismatch(f"{what} should be a tensor, got {type(got).__name__}") from err
+    exp_t = torch.as_tensor(expected)
+    if tuple(got_t.shape) != tuple(exp_t.shape):
+        raise _Mismatch(f"{what} has shape {tuple(got_t.shape)}, expected {tuple(exp_t.shape)}")
+    if exp_t.dtype == torch.bool or not exp_t.is_floating_point():
+        equal = torch.equal(got_t.to(exp_t.dtype), exp_t)
+        if not equal:
+            bad = (got_t.to(exp_t.dtype) != exp_t).nonzero()[0].tolist()
+            idx = ", ".join(map(str, bad))
+            raise _Mismatch(f"{what}[{idx}]: expected {exp_t[tuple(bad)].item()}, got {got_t[tuple(bad)].item()}")
+        return f"{what} matches exactly ({exp_t.numel()} values)"
+    got_f, exp_f = got_t.detach().double().cpu(), exp_t.detach().double().cpu()
+    finite_expected = torch.isfinite(exp_f)
+    if not torch.equal(torch.isfinite(got_f), finite_expected):
+        bad = (torch.isfinite(got_f) != finite_expected).nonzero()[0].tolist()
+        idx = ", ".join(map(str, bad))
+        raise _Mismatch(f"{what}[{idx}]: expected {exp_f[tuple(bad)].item()}, got {got_f[tuple(bad)].item()}")
+    diff = torch.where(finite_expected, (got_f - exp_f).abs(), torch.zeros_like(got_f))
+    # infinities (e.g. -inf in masked scores) must agree in sign
+    inf_mismatch = ~finite_expected & (got_f != exp_f)
+    if inf_mismatch.any():
+        bad = inf_mismatch.nonzero()[0].tolist()
+        idx = ", ".join(map(str, bad))
+        raise _Mismatch(f"{what}[{idx}]: expected {exp_f[tuple(bad)].item()}, got {got_f[tuple(bad)].item()}")
+    tolerance = atol + rtol * exp_f.abs()
+    if diff.numel() and (diff > tolerance).any():
+        worst = int(torch.argmax(diff - tolerance))
+        bad = list(torch.unravel_index(torch.tensor(worst), diff.shape)) if diff.dim() else []
+        bad = [int(i) for i in bad]
+        idx = f"[{', '.join(map(str, bad))}]" if bad else ""
+        raise _Mismatch(
+            f"{what}{idx}: expected {_fmt(exp_f[tuple(bad)].item())}, got {_fmt(got_f[tuple(bad)].item())} "
+            f"(max |diff| {_fmt(diff.max().item())}, atol {atol:g})"
+        )
+    return f"{what} matches the reference ({exp_t.numel()} values within {atol:g})"
