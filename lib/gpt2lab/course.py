@@ -73,9 +73,15 @@ def student_version(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNo
             cell.outputs = []
             cell.execution_count = None
         cell.metadata = {k: v for k, v in cell.metadata.items() if k in ("tags", "editable", "deletable")}
-        cell.pop("id", None)
     nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": dict(LANGUAGE_INFO)}
-    nb.nbformat, nb.nbformat_minor = 4, 4
+    return stable_ids(nb)
+
+
+def stable_ids(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Cell ids from cell positions, so regenerating a notebook never changes bytes for nothing."""
+    nb.nbformat, nb.nbformat_minor = 4, 5
+    for index, cell in enumerate(nb.cells):
+        cell.id = f"cell-{index:03d}"
     return nb
 
 
@@ -118,9 +124,7 @@ def execute(paths: list[Path], timeout: int = 1200) -> None:
         nb = nbformat.read(path, as_version=4)
         resources = {"metadata": {"path": str(path.parent)}}  # run from solutions/, as nbval does
         NotebookClient(nb, timeout=timeout, kernel_name="python3", resources=resources).execute()
-        for cell in nb.cells:
-            cell.pop("id", None)
-        path.write_text(render(nb), encoding="utf-8")
+        path.write_text(render(stable_ids(nb)), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

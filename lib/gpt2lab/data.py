@@ -209,6 +209,8 @@ def parse_quora(text: str, source: str = "<text>", labelled: bool = True, on_bad
     if not text.strip():
         raise DataError(f"{source}: the file is empty (expected a header line with id, sentence1, sentence2)")
     header = [h.strip() for h in lines[0].rstrip("\r").split("\t")]
+    if len(header) == 1 and "," in header[0]:
+        raise DataError(f"{source}: line 1: the columns are separated by commas; the Quora files are tab-separated")
     missing = [c for c in (*REQUIRED_COLUMNS, *((LABEL_COLUMN,) if labelled else ())) if c not in header]
     if missing:
         raise DataError(f"{source}: line 1: missing column(s) {', '.join(missing)}; found {header} (tab-separated)")
@@ -264,6 +266,16 @@ def load_quora(split: str = "train", limit: int | None = None, verbose: bool = T
     if limit is not None:
         result.pairs = result.pairs[:limit]
     return result
+
+
+def duplicate_rate(pairs) -> float:
+    """Fraction of labelled pairs that are paraphrases (label 1). Built in notebook 00, §2 (exercise)."""
+    labels = [p.label for p in pairs]
+    if not labels:
+        raise ValueError("duplicate_rate needs at least one pair")
+    if any(label not in (0, 1) for label in labels):
+        raise ValueError("duplicate_rate needs labelled pairs (label 0 or 1); the test split has no labels")
+    return sum(labels) / len(labels)
 
 
 # -------------------------------------------------------------------------------------- command line
