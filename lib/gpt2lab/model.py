@@ -1,0 +1,478 @@
+"""GPT-2: token + position embeddings, pre-LayerNorm transformer blocks, a tied language-model head.
+
+Built in notebook 02 (gpt2). What is here, in the notebook's order:
+
+    §1 GPT2Config          sizes of gpt2 / gpt2-medium / gpt2-large / gpt2-xl, and tiny configs for tests
+    §2 embeddings          token embedding + position embedding (`GPT2.embed`)
+    §3 Block               x + attn(ln_1(x)), then x + mlp(ln_2(x)); MLP = Linear -> GELU(tanh) -> Linear
+    §4 GPT2                blocks, final LayerNorm, head tied to the token embedding (`GPT2.head`)
+    §5 from_pretrained     released weights (hub name or local folder) through an explicit key map
+    §6 KVCache             past keys/values, so generation feeds one new token per step (used by `generate`)
+
+Padding: `model(input_ids, attention_mask)` takes a (B, T) 0/1 mask, right or left padding. Position ids follow
+the *real* tokens: position = (number of real tokens before this one), i.e. `cumsum(mask) - 1` (clamped at 0 on
+padding). With right padding that is just 0..T-1; with left padding the first real token gets position 0, so a
+padded row gives the same logits on its real tokens as the unpadded sequence (transformers gives the same numbers
+when passed these position_ids, which is what its `generate` does).
+
+References: Radford et al. 2019, "Language models are unsupervised multitask learners" (GPT-2); Vaswani et al. 2017.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import CausalSelfAttention, combined_mask
+
+# ----------------------------------------------------------------------------------------------------------- config
+
+_PRESETS = {  # (n_layer, n_head, n_embd), from the GPT-2 paper's table 2 and the released checkpoints
+    "gpt2": (12, 12, 768),  # 124M
+    "gpt2-medium": (24, 16, 1024),  # 350M
+    "gpt2-large": (36, 20, 1280),  # 774M
+    "gpt2-xl": (48, 25, 1600),  # 1558M
+}
+
+
+@dataclass
+class GPT2Config:
+    """Sizes and switches of a GPT-2 model. Built in notebook 02 (gpt2), §1.
+
+    `dropout` is used for all three of GPT-2's dropouts (embeddings, attention weights, residual branches), as in
+    the released configs (0.1 each). `bias=False` drops the Linear/LayerNorm biases (not loadable from the released
+    weights, which have them).
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> GPT2Config:
+        """The config of a released model: "gpt2", "gpt2-medium", "gpt2-large" or "gpt2-xl"."""
+        key = name.split("/")[-1]
+        if key not in _PRESETS:
+            raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {', '.join(_PRESETS)}")
+        n_layer, n_head, n_embd = _PRESETS[key]
+        return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
+
+    @classmethod
+    def tiny(cls, **overrides) -> GPT2Config:
+        """A tiny config for tests and quick mode: 2 layers, 64 dims, 4 heads, 128 positions, full vocab, no dropout."""
+        base = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=50257, dropout=0.0)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, **overrides) -> GPT2Config:
+        """From a transformers GPT-2 `config.json` (a dict); refuses options this implementation does not have."""
+        unsupported = {
+            "n_inner": lambda v: v is not None and v != 4 * hf.get("n_embd", 768),
+            "activation_function": lambda v: v not in (None, "gelu_new", "gelu_pytorch_tanh"),
+            "scale_attn_by_inverse_layer_idx": bool,
+            "reorder_and_upcast_attn": bool,
+            "add_cross_attention": bool,
+            "scale_attn_weights": lambda v: v is False,
+        }
+        bad = [f"{k}={hf[k]!r}" for k, is_bad in unsupported.items() if k in hf and is_bad(hf[k])]
+        if bad:
+            raise ValueError(f"this GPT-2 implementation does not support {', '.join(bad)} in config.json")
+        cfg = dict(
+            vocab_size=hf.get("vocab_size", 50257),
+            n_positions=hf.get("n_positions", 1024),
+            n_embd=hf.get("n_embd", 768),
+            n_layer=hf.get("n_layer", 12),
+            n_head=hf.get("n_head", 12),
+            dropout=hf.get("resid_pdrop", 0.1),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        )
+        cfg.update(overrides)
+        return cls(**cfg)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------- blocks
+
+
+class MLP(nn.Module):
+    """Linear (C -> 4C) -> GELU (tanh approximation, as GPT-2 was trained) -> Linear (4C -> C) -> dropout.
+
+    Built in notebook 02 (gpt2), §3.
+    """
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # one fused kernel for the tanh-GELU (the same function as GPT-2's 0.5x(1+tanh(...)) formula)
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). Built in notebook 02, §3.
+
+    LayerNorm before each sub-layer (GPT-2's change from the original transformer) keeps the residual stream
+    an untouched sum, which trains stably at depth.
+    """
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, cache=None, layer: int = 0, return_weights: bool = False):
+        """x (B, T, C) -> (B, T, C); with `return_weights`, also the attention weights (B, nh, T, T_k)."""
+        a = self.attn(self.ln_1(x), mask, cache, layer, return_weights)
+        a, weights = a if return_weights else (a, None)
+        x = x + a  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return (x, weights) if return_weights else x
+
+
+# ----------------------------------------------------------------------------------------------------------- cache
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated up to `max_length` positions.
+
+    Built in notebook 02 (gpt2), §6. Each forward with a cache writes its T new keys/values at positions
+    [length, length + T) of every layer and attends over [0, length + T); the model then advances `length`.
+    `reorder(index)` picks batch rows (beam search keeps the beams' histories this way).
+    """
+
+    def __init__(self, n_layer, batch_size, n_head, head_size, max_length, device=None, dtype=torch.float32):
+        shape = (batch_size, n_head, max_length, head_size)  # (B, nh, T_max, hs)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_length = max_length
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model: GPT2, batch_size: int, max_length: int | None = None) -> KVCache:
+        c = model.config
+        max_length = max_length or c.n_positions
+        p = model.transformer.wte.weight
+        return cls(c.n_layer, batch_size, c.n_head, c.n_embd // c.n_head, max_length, p.device, p.dtype)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nh, T, hs) after the past ones; return past + new: two (B, nh, length + T, hs) views."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_length} allocated")
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (in that order), e.g. the surviving beams' parents."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B, T) positions that count real tokens only: cumsum(mask) - 1, 0 on left padding.
+
+    Built in notebook 02 (gpt2), §2. Right padding gives 0..T-1 on the real tokens; left padding starts the
+    real tokens at 0, exactly as if the padding were not there.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+
+class GPT2(nn.Module):
+    """The GPT-2 language model. Built in notebook 02 (gpt2), §4.
+
+    `model(input_ids, attention_mask=None)` -> logits (B, T, vocab). Module names follow the released checkpoints
+    (transformer.wte, transformer.h.0.attn.c_attn, ...), so the key map in `from_pretrained` stays short.
+    """
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+                wpe=nn.Embedding(config.n_positions, config.n_embd),  # position embedding
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: the same matrix reads and writes tokens
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two terms to the stream
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # -- pieces, each an exercise in notebook 02
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Token embedding + position embedding, then dropout: (B, T) ids -> (B, T, C). Notebook 02, §2."""
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        return self.transformer.drop(x)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (after ln_f) -> logits: hidden @ wteᵀ, (B, T, C) -> (B, T, vocab). Notebook 02, §4."""
+        return self.lm_head(hidden)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (the tied head counted once); `exclude_embeddings` leaves out wte and wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    # -- forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, C) with `return_hidden`.
+
+        attention_mask: (B, T) of 0/1 (right or left padding), or (B, past + T) when a `cache` holds past tokens.
+        position_ids: default from the mask (see the module docstring), else past + 0..T-1.
+        cache: a `KVCache`; the new keys/values are stored and `cache.length` advances by T.
+        """
+        hidden, _ = self._run(input_ids, attention_mask, position_ids, cache, return_weights=False)
+        return hidden if return_hidden else self.head(hidden)
+
+    def hidden_states(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """The final hidden states (after ln_f), (B, T, C): `forward(..., return_hidden=True)`."""
+        return self.forward(input_ids, attention_mask, return_hidden=True, **kwargs)
+
+    def attention_maps(self, input_ids, attention_mask=None) -> list[torch.Tensor]:
+        """Attention weights of every layer, a list of (B, nh, T, T) tensors (for heatmaps; runs the written-out
+        attention, not the fused kernel)."""
+        _, maps = self._run(input_ids, attention_mask, None, None, return_weights=True)
+        return maps
+
+    def _run(self, input_ids, attention_mask, position_ids, cache, return_weights):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids should be (batch, seq) token ids, got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens is longer than n_positions={self.config.n_positions}")
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)} "
+                    "(batch, past + new tokens)"
+                )
+            if position_ids is None:
+                position_ids = position_ids_from_mask(attention_mask)[:, past:]  # (B, T)
+            if bool(attention_mask.all()):
+                attention_mask = None  # nothing padded: take the fast causal path
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
+        # None -> the fused kernel's own causal masking; otherwise a boolean (B, 1, T, past + T) mask
+        mask = None if attention_mask is None else combined_mask(attention_mask, T, past + T, device=input_ids.device)
+        x = self.embed(input_ids, position_ids)  # (B, T, C)
+        maps = []
+        for i, block in enumerate(self.transformer.h):
+            if return_weights:
+                x, w = block(x, mask, cache, i, return_weights=True)
+                maps.append(w)
+            else:
+                x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x), maps  # (B, T, C)
+
+    # -- weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_folder: str | os.PathLike, *, dropout: float | None = None) -> GPT2:
+        """GPT-2 with released weights: a hub name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or an
+        "owner/name" repo) or a local folder with config.json and model.safetensors (or pytorch_model.bin).
+
+        Built in notebook 02 (gpt2), §5. Weights go through `hf_key_map` (explicit names, Conv1D transposes);
+        any missing, unexpected or mis-shaped key raises one `WeightLoadError` listing them all.
+        """
+        folder = _resolve_folder(name_or_folder)
+        config_file = folder / "config.json"
+        overrides = {} if dropout is None else {"dropout": dropout}
+        if config_file.exists():
+            config = GPT2Config.from_hf_dict(json.loads(config_file.read_text()), **overrides)
+        else:
+            config = GPT2Config.from_name(Path(str(name_or_folder)).name, **overrides)
+        model = cls(config)
+        model.load_hf_state_dict(_read_weights(folder))
+        return model
+
+    def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor]) -> None:
+        """Copy a transformers-layout GPT-2 state dict into this model (see `hf_key_map`), strictly."""
+        ours = self.state_dict()
+        key_map = hf_key_map(self.config.n_layer)
+        # checkpoints saved from GPT2LMHeadModel prefix "transformer."; the original release does not
+        state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+        missing, mis_shaped, loaded = [], [], {}
+        for src, (dst, transpose) in key_map.items():
+            if src not in state:
+                missing.append(src)
+                continue
+            w = state[src].t() if transpose else state[src]
+            if tuple(w.shape) != tuple(ours[dst].shape):
+                how = " after transposing" if transpose else ""
+                mis_shaped.append(f"{src}: {tuple(w.shape)}{how}, expected {tuple(ours[dst].shape)}")
+                continue
+            loaded[dst] = w
+        unexpected = [k for k in state if k not in key_map and not _ignorable(k)]
+        if missing or unexpected or mis_shaped:
+            parts = [
+                f"{label} ({len(keys)}): {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+                if keys
+            ]
+            raise WeightLoadError(f"GPT-2 checkpoint does not fit {self.config}: " + "; ".join(parts))
+        with torch.no_grad():
+            for dst, w in loaded.items():
+                ours[dst].copy_(w)
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint whose keys or shapes do not fit the model; the message names every offending key."""
+
+
+def hf_key_map(n_layer: int) -> dict[str, tuple[str, bool]]:
+    """transformers GPT-2 key -> (our key, transpose?). Built in notebook 02 (gpt2), §5.
+
+    The released checkpoints store the four projection matrices as "Conv1D" weights of shape (in, out), the
+    transpose of nn.Linear's (out, in): those are transposed. The head is tied to wte, so it has no entry.
+    """
+    m = {
+        "wte.weight": ("transformer.wte.weight", False),
+        "wpe.weight": ("transformer.wpe.weight", False),
+        "ln_f.weight": ("transformer.ln_f.weight", False),
+        "ln_f.bias": ("transformer.ln_f.bias", False),
+    }
+    for i in range(n_layer):
+        for name, transpose in (
+            ("ln_1.weight", False),
+            ("ln_1.bias", False),
+            ("attn.c_attn.weight", True),
+            ("attn.c_attn.bias", False),
+            ("attn.c_proj.weight", True),
+            ("attn.c_proj.bias", False),
+            ("ln_2.weight", False),
+            ("ln_2.bias", False),
+            ("mlp.c_fc.weight", True),
+            ("mlp.c_fc.bias", False),
+            ("mlp.c_proj.weight", True),
+            ("mlp.c_proj.bias", False),
+        ):
+            m[f"h.{i}.{name}"] = (f"transformer.h.{i}.{name}", transpose)
+    return m
+
+
+def _ignorable(key: str) -> bool:
+    # lm_head.weight: tied to wte (some checkpoints store the copy); attn.bias / attn.masked_bias: causal-mask
+    # buffers of older checkpoints, not parameters
+    return key == "lm_head.weight" or key.endswith(".attn.bias") or key.endswith(".attn.masked_bias")
+
+
+def _resolve_folder(name_or_folder) -> Path:
+    path = Path(name_or_folder).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_folder)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists():
+        raise FileNotFoundError(f"no folder {path} with GPT-2 weights (config.json + model.safetensors)")
+    from huggingface_hub import snapshot_download  # only for hub names; tests always pass folders
+
+    repo = name if "/" in name else f"openai-community/{name}"
+    try:
+        return Path(
+            snapshot_download(repo, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
+        )
+    except Exception as err:
+        raise FileNotFoundError(
+            f"could not fetch GPT-2 weights {name!r} from the Hugging Face hub ({type(err).__name__}: {err}); "
+            "pass a local folder with config.json and model.safetensors instead"
+        ) from err
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else []
+    files = [folder / f for f in files] or list(folder.glob("model.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    binary = folder / "pytorch_model.bin"
+    if binary.exists():
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+
+
+# ----------------------------------------------------------------------------------------------------------- loss
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits at t predict input_ids at t+1; padded targets are ignored.
+
+    Built in notebook 02 (gpt2), §4. The same number transformers gives with labels=input_ids and -100 on padding.
+    """
+    B, T, V = logits.shape
+    targets = input_ids[:, 1:]  # (B, T-1)
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets.reshape(-1), ignore_index=-100)
+
+
+__all__ = [
+    "GPT2",
+    "GPT2Config",
+    "Block",
+    "MLP",
+    "KVCache",
+    "WeightLoadError",
+    "hf_key_map",
+    "lm_loss",
+    "position_ids_from_mask",
+]

@@ -1,0 +1,226 @@
+"""Our GPT-2 against transformers.GPT2LMHeadModel on tiny random configs: logits, padding, loss, gradients,
+weight loading errors. Tolerance 1e-5 in fp32."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_gpt2 import hf_tiny, left_pad_positions, pair
+
+from gpt2lab.model import GPT2, GPT2Config, KVCache, WeightLoadError, hf_key_map, lm_loss, position_ids_from_mask
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return pair(tmp_path_factory.mktemp("w"), seed=0)
+
+
+def _batch(seed=1, B=3, T=17, V=50257):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T), generator=g)
+
+
+def test_logits_match_transformers_unpadded(models):
+    ref, ours = models
+    ids = _batch()
+    with torch.no_grad():
+        got, expected = ours(ids), ref(ids).logits
+    assert got.shape == (3, 17, 50257)
+    assert (got - expected).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("n_layer,n_embd,n_head,vocab", [(1, 32, 2, 100), (3, 48, 3, 50257), (2, 64, 8, 321)])
+def test_logits_match_across_configs(tmp_path, n_layer, n_embd, n_head, vocab):
+    ref, ours = pair(tmp_path, seed=n_layer, n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab)
+    ids = _batch(seed=2, B=2, T=33, V=vocab)
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_matches_transformers_and_unpadded(models, side):
+    ref, ours = models
+    ids = _batch(seed=3, B=3, T=12)
+    lengths = [12, 7, 3]
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1 if side == "right" else 0
+        if side == "left":
+            mask[row, 12 - n :] = 1
+    with torch.no_grad():
+        got = ours(ids, mask)
+        expected = ref(ids, attention_mask=mask, position_ids=left_pad_positions(mask)).logits
+        real = mask.bool()
+        assert (got[real] - expected[real]).abs().max().item() < ATOL
+        assert torch.isfinite(got).all(), "padding positions must stay finite (no all-masked softmax rows)"
+        for row, n in enumerate(lengths):  # each row alone, unpadded
+            alone = ours(ids[row : row + 1][mask[row : row + 1].bool()].view(1, n))
+            assert (got[row][real[row]] - alone[0]).abs().max().item() < ATOL
+
+
+def test_right_padding_positions_are_plain(models):
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2, 2, 2], [0, 0, 0, 1, 2]]
+
+
+def test_loss_and_gradients_match(tmp_path):
+    ref, ours = pair(tmp_path, seed=4)
+    ids = _batch(seed=5, B=2, T=10)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    ref_out = ref(ids, attention_mask=mask, labels=labels)
+    loss = lm_loss(ours(ids, mask), ids, mask)
+    assert abs(loss.item() - ref_out.loss.item()) < ATOL
+    ref_out.loss.backward()
+    loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for src, (dst, transpose) in hf_key_map(ours.config.n_layer).items():
+        g_ref = ref_params["transformer." + src].grad
+        g_ref = g_ref.t() if transpose else g_ref
+        g = ours.get_parameter(dst).grad
+        assert (g - g_ref).abs().max().item() < 1e-5, src
+
+
+def test_head_is_tied_and_parameter_count(models):
+    ref, ours = models
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+    assert ours.num_parameters() == ref.num_parameters()
+    wte, wpe = ours.transformer.wte.weight.numel(), ours.transformer.wpe.weight.numel()
+    assert ours.num_parameters(exclude_embeddings=True) == ours.num_parameters() - wte - wpe
+
+
+def test_gpt2_small_parameter_count():
+    with torch.device("meta"):
+        model = GPT2(GPT2Config.from_name("gpt2"))
+    assert model.num_parameters() == 124_439_808  # the released gpt2
+
+
+def test_presets():
+    sizes = {n: (c.n_layer, c.n_head, c.n_embd) for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+             for c in [GPT2Config.from_name(n)]}  # fmt: skip
+    assert sizes == {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+                     "gpt2-xl": (48, 25, 1600)}  # fmt: skip
+    tiny = GPT2Config.tiny(n_layer=3)
+    assert (tiny.n_layer, tiny.n_embd, tiny.n_head, tiny.vocab_size) == (3, 64, 4, 50257)
+    with pytest.raises(ValueError, match="unknown GPT-2 size"):
+        GPT2Config.from_name("gpt3")
+    with pytest.raises(ValueError, match="divisible"):
+        GPT2Config(n_embd=65, n_head=4)
+
+
+def test_return_hidden_and_head(models):
+    _, ours = models
+    ids = _batch(seed=6, B=2, T=5)
+    with torch.no_grad():
+        hidden = ours(ids, return_hidden=True)
+        assert hidden.shape == (2, 5, 64)
+        assert torch.equal(ours.head(hidden), ours(ids))
+
+
+def test_written_out_attention_path_matches_fused(models):
+    _, ours = models
+    ids = _batch(seed=7, B=2, T=9)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        maps = ours.attention_maps(ids, mask)
+    assert len(maps) == 2 and maps[0].shape == (2, 4, 9, 9)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(2, 4, 9))
+    assert maps[0][1].triu(1).abs().max() == 0, "no attention to future tokens"
+    assert maps[0][0, :, 5:, :4].abs().max() == 0, "no attention to padding"
+
+
+def test_cached_forward_matches_full(models):
+    _, ours = models
+    ids = _batch(seed=8, B=2, T=12)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        full = ours(ids, mask)
+        cache = KVCache.for_model(ours, batch_size=2, max_length=12)
+        parts = [ours(ids[:, :5], mask[:, :5], cache=cache)]
+        parts.append(ours(ids[:, 5:9], mask[:, :9], cache=cache))  # several new tokens at once
+        for t in range(9, 12):
+            parts.append(ours(ids[:, t : t + 1], mask[:, : t + 1], cache=cache))
+    stitched = torch.cat(parts, dim=1)
+    real = mask.bool()
+    assert (stitched[real] - full[real]).abs().max().item() < ATOL
+    assert cache.length == 12
+
+
+def test_loading_original_layout_with_buffers(tmp_path):
+    """The original release has no "transformer." prefix and stores causal-mask buffers; both must load."""
+    from safetensors.torch import save_file
+
+    ref = hf_tiny(9)
+    state = {k.removeprefix("transformer."): v.clone() for k, v in ref.state_dict().items()}  # lm_head copy too
+    state["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
+    state["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(ref.config.to_dict()))
+    ours = GPT2.from_pretrained(tmp_path).eval()
+    ids = _batch(seed=10, B=1, T=6)
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() < ATOL
+
+
+def test_loading_pytorch_bin(tmp_path):
+    ref = hf_tiny(11)
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(ref.config.to_dict()))
+    ours = GPT2.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        ids = _batch(seed=12, B=1, T=4)
+        assert (ours(ids) - ref(ids).logits).abs().max().item() < ATOL
+
+
+def test_one_clear_error_naming_bad_keys(tmp_path):
+    ref = hf_tiny(13)
+    state = dict(ref.state_dict())
+    del state["transformer.h.1.mlp.c_fc.bias"]
+    state["transformer.h.0.attn.c_attn.weight"] = torch.zeros(64, 100)
+    state["transformer.h.0.extra.weight"] = torch.zeros(3)
+    ours = GPT2(GPT2Config.tiny(n_positions=64))
+    with pytest.raises(WeightLoadError) as err:
+        ours.load_hf_state_dict(state)
+    msg = str(err.value)
+    assert "missing (1): h.1.mlp.c_fc.bias" in msg
+    assert "unexpected (1): h.0.extra.weight" in msg
+    assert "mis-shaped (1): h.0.attn.c_attn.weight: (100, 64) after transposing, expected (192, 64)" in msg
+
+
+def test_missing_folder_and_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        GPT2.from_pretrained(tmp_path / "nope" / "deeper")
+    (tmp_path / "config.json").write_text(json.dumps({"n_layer": 1, "n_embd": 32, "n_head": 2}))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_unsupported_config_is_refused():
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        GPT2Config.from_hf_dict({"scale_attn_by_inverse_layer_idx": True})
+
+
+def test_shape_errors(models):
+    _, ours = models
+    with pytest.raises(ValueError, match="batch, seq"):
+        ours(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="n_positions"):
+        ours(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        ours(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 5))
+
+
+def test_dropout_only_in_training(tmp_path):
+    model = GPT2(GPT2Config.tiny(dropout=0.5))
+    ids = _batch(seed=14, B=1, T=6)
+    model.train()
+    assert not torch.equal(model(ids), model(ids))
+    model.eval()
+    assert torch.equal(model(ids), model(ids))
