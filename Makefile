@@ -6,6 +6,8 @@ VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.gpt2lab-installed
 LAB_ARGS ?=
+# Jupyter refuses to run as root unless told; containers and cloud notebooks often are root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 # Data: GPT2LAB_DATA if set, else ../shared/data beside the checkout when it exists, else <repo>/data.
 SHARED_DATA := $(wildcard $(abspath ../shared/data))
@@ -30,7 +32,7 @@ $(STAMP): pyproject.toml
 
 lab: $(STAMP)
 	$(PY) -m ipykernel install --user --name gpt2lab --display-name "Python (gpt2lab)" >/dev/null
-	$(VENV)/bin/jupyter lab notebooks/00_welcome.ipynb $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab notebooks/00_welcome.ipynb $(ROOT_FLAG) $(LAB_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check lib tests solutions notebooks
