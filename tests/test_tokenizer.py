@@ -62,3 +62,12 @@ def test_default_folder_comes_from_data_dir(tmp_path, monkeypatch, tokenizer):
         (tmp_path / "gpt2-tokenizer" / name).write_bytes((real / name).read_bytes())
     loaded = tok_lib.load()
     assert loaded.source == str((tmp_path / "gpt2-tokenizer").resolve()) and loaded.encode("no") == [3919]
+
+
+def test_hub_name_when_no_local_folder(tmp_path, monkeypatch):
+    """Without a local folder the loader asks for the hub name `gpt2` (faked here: tests never reach the network)."""
+    asked = []
+    monkeypatch.setenv("GPT2LAB_DATA", str(tmp_path))
+    monkeypatch.setattr(tok_lib, "_load_cached", lambda source: asked.append(source) or "hub tokenizer")
+    assert tok_lib.load() == "hub tokenizer" and asked == ["gpt2"]
+    assert tok_lib.load("gpt2-medium") == "hub tokenizer" and asked[-1] == "gpt2-medium"
