@@ -232,6 +232,12 @@ def test_max_steps_then_resume_continues(tmp_path):
     assert second["steps"] == 12 and second["resumed_from_step"] == 5
 
 
+def test_resume_refuses_a_different_data_order(tmp_path):
+    train(toy_model(), ToyTask(), torch.optim.AdamW, toy_config(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="batch_size 3 -> 4"):
+        train(toy_model(), ToyTask(), torch.optim.AdamW, toy_config(tmp_path, resume=True, batch_size=4))
+
+
 def test_data_order_depends_only_on_seed_and_epoch():
     assert epoch_order(10, 1, 0) == epoch_order(10, 1, 0)
     assert epoch_order(10, 1, 0) != epoch_order(10, 1, 1)

@@ -1,8 +1,8 @@
 """The course's metrics: chrF for generated sonnets, accuracy / F1 / confusion matrix for paraphrase detection.
 
-Built in notebook 04 (finetune), §3 and §5. chrF is sacrebleu's CHRF with its default settings (character
-6-grams, beta 2, no word n-grams), scored at the corpus level, so our numbers are comparable with anyone
-else's who calls sacrebleu. The classification metrics are a few lines each, written out so the arithmetic
+Built in notebook 04 (finetune), §4 (chrF) and §5 (classification). chrF is sacrebleu's CHRF with its default
+settings (character 6-grams, beta 2, no word n-grams), scored at the corpus level, so our numbers are comparable
+with anyone else's who calls sacrebleu. The classification metrics are a few lines each, written out so the arithmetic
 is visible; the positive class (label 1) is "the two questions are duplicates".
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Corpus-level chrF (0-100) of `hypotheses` against one reference each, with sacrebleu's defaults.
 
-    Built in notebook 04 (finetune), §3.
+    Built in notebook 04 (finetune), §4.
     """
     from sacrebleu.metrics import CHRF
 

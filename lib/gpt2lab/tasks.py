@@ -11,12 +11,12 @@ Built in notebook 04 (finetune). A task is anything with:
 
 Both tasks call the model as `model(input_ids, attention_mask=mask) -> logits (B, T, V)`.
 
-SonnetTask (§2-§3): causal language modelling on the training sonnets. Batches are right-padded; padding is
+SonnetTask (§2, §4): causal language modelling on the training sonnets. Batches are right-padded; padding is
 masked out of the loss (`gpt2lab.model.lm_loss`, notebook 02). Evaluation continues the first 3 lines of every
 held-out sonnet with a sampling strategy from `gpt2lab.generate`, and scores the whole sonnets (the 3 given
 lines + the generated ones) against the gold dev sonnets with chrF.
 
-ParaphraseTask (§4-§5): Quora duplicate detection as a cloze. ONE prompt, used identically for train, dev
+ParaphraseTask (§5): Quora duplicate detection as a cloze. ONE prompt, used identically for train, dev
 and test, asks the question and the model's next token is read: "yes" (id 8505) or "no" (id 3919). The loss
 is cross-entropy over those two logits at the last real token; the prediction is the larger of the two.
 """
@@ -110,9 +110,9 @@ SONNET_LINES = 14  # the generated sonnet is cut to this many lines
 class SonnetTask:
     """Causal LM fine-tuning on the training sonnets; chrF of sonnets continued from their first 3 lines.
 
-    Built in notebook 04 (finetune), §2-§3. `generation` holds keyword arguments for `gpt2lab.generate.generate`
-    (temperature, top_k, top_p, num_beams, do_sample); sampling uses torch's global RNG, so seed it (the
-    training loop evaluates under a fixed seed) for reproducible sonnets.
+    Built in notebook 04 (finetune), §2 and §4. `generation` holds keyword arguments for
+    `gpt2lab.generate.generate` (temperature, top_k, top_p, num_beams, do_sample); sampling draws from a generator
+    seeded by `generate(seed=...)` (0 by default), so a model's dev sonnets and chrF are reproducible.
     """
 
     name = "sonnet"
@@ -197,7 +197,7 @@ class SonnetTask:
     def generate(self, model, prompts: Sequence[str] | None = None, seed: int | None = 0, **overrides) -> list[str]:
         """Whole sonnets: each prompt (3 lines) + its continuation, cut at <|endoftext|> and at 14 lines.
 
-        Built in notebook 04 (finetune), §3. `overrides` replace entries of `self.generation` for this call;
+        Built in notebook 04 (finetune), §4. `overrides` replace entries of `self.generation` for this call;
         `seed` seeds a generator of its own for the sampling (None: torch's global RNG). Prompts are generated in
         batches of `gen_batch_size`, left-padded as `gpt2lab.generate` expects.
         """
@@ -277,19 +277,19 @@ def answer_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.T
 def cloze_loss(logits: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the two answer logits (a 2-way softmax over "no"/"yes"), averaged over the batch.
 
-    Built in notebook 04 (finetune), §4. We use the two answer logits, not the whole vocabulary: the prediction
+    Built in notebook 04 (finetune), §5. We use the two answer logits, not the whole vocabulary: the prediction
     compares exactly these two, so the loss trains exactly what is measured.
     """
     return F.cross_entropy(answer_logits(logits, attention_mask).float(), labels)
 
 
 def cloze_predict(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """1 where "yes" beats "no" at the last real token, else 0: (B,). Built in notebook 04 (finetune), §4."""
+    """1 where "yes" beats "no" at the last real token, else 0: (B,). Built in notebook 04 (finetune), §5."""
     return answer_logits(logits, attention_mask).argmax(dim=-1)
 
 
 class ParaphraseTask:
-    """Quora duplicate-question detection as a yes/no cloze. Built in notebook 04 (finetune), §4-§5.
+    """Quora duplicate-question detection as a yes/no cloze. Built in notebook 04 (finetune), §5.
 
     Prompts longer than `max_length` tokens: the longer question is cut token by token until the prompt fits,
     with one warning per batch saying how many were cut (the template and the answer position are never cut).

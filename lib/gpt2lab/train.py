@@ -1,6 +1,6 @@
 """One training loop for both tasks: progress bars, evaluation, early stopping, checkpoints, exact resume.
 
-Built in notebook 04 (finetune), §6.
+Built in notebook 04 (finetune), §3 (the loop) and §6 (checkpoints and exact resume).
 
     record = train(model, task, make_optimizer, TrainConfig(epochs=3, lr=1e-4, out_dir="results"))
 
@@ -43,7 +43,7 @@ from .tasks import atomic_write_text, eval_mode, model_device, to_device
 class TrainConfig:
     """Everything the loop needs besides the model, the task and the optimizer factory.
 
-    Built in notebook 04 (finetune), §6. Step counts are optimizer steps (one batch each).
+    Built in notebook 04 (finetune), §3. Step counts are optimizer steps (one batch each).
     """
 
     epochs: int = 1
@@ -170,7 +170,7 @@ def train(model, task, make_optimizer: Callable, config: TrainConfig | None = No
           callbacks: list[Callable] | None = None) -> dict:
     """Fine-tune `model` on `task`; return the run record (also written to out_dir/run_name/record.json).
 
-    Built in notebook 04 (finetune), §6. `callbacks` are called as `fn(step, loss)` after every optimizer step
+    Built in notebook 04 (finetune), §3 and §6. `callbacks` are called as `fn(step, loss)` after every optimizer step
     (the tests raise KeyboardInterrupt or kill the process from one to prove that resuming is exact).
     Stops early on: max_steps, `patience` evaluations without improvement, or a NaN/inf loss or gradient (then
     it prints one line, keeps the last good checkpoint and returns a record with status "diverged").
@@ -215,6 +215,11 @@ def train(model, task, make_optimizer: Callable, config: TrainConfig | None = No
     best_weights = None  # in memory when there is no out_dir
     if config.resume and checkpoint_path is not None and checkpoint_path.exists():
         ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # RNG states live on the CPU
+        changed = [f"{k} {ckpt['config'][k]} -> {getattr(config, k)}" for k in ("seed", "batch_size")
+                   if ckpt["config"][k] != getattr(config, k)]
+        if changed:  # the data order depends on them: the resumed run would not continue the same one
+            raise ValueError(f"cannot resume {checkpoint_path}: {', '.join(changed)}; use the checkpoint's values "
+                             "or resume=False to start over")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
