@@ -201,6 +201,10 @@ def test_early_stopping(tmp_path):
     assert record["status"] == "early_stopped"
     assert record["steps"] == 3 and len(record["evals"]) == 3
     assert record["best_metric"] == {"name": "dev_loss", "value": record["evals"][0]["dev_loss"], "step": 1}
+    # resuming an early-stopped run does not train on
+    again = train(toy_model(), ToyTask(), lambda p, lr: torch.optim.SGD(p, lr), toy_config(
+        tmp_path, lr=0.0, eval_every=1, patience=2, warmup_steps=0, schedule="constant", resume=True))
+    assert again["status"] == "early_stopped" and again["steps"] == 3 and again["evals"] == record["evals"]
 
 
 def test_restore_best_and_record_file(tmp_path):

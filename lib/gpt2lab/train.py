@@ -235,14 +235,19 @@ def train(model, task, make_optimizer: Callable, config: TrainConfig | None = No
     elif config.resume and config.progress:
         print(f"no checkpoint to resume in {run_dir}: starting {run_name} from scratch")
 
+    last_saved = None
+
     def save_checkpoint() -> None:
-        if checkpoint_path is None:
+        nonlocal last_saved
+        where = (state["step"], state["epoch"], state["batch"], state["status"], len(state["evals"]))
+        if checkpoint_path is None or where == last_saved:  # nothing new since the last one
             return
+        last_saved = where
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "state": state, "rng": rng_state(), "config": asdict(config)}, checkpoint_path)
 
-    def run_evaluation() -> dict:
+    def run_evaluation(save: bool = True) -> dict:
         nonlocal best_weights
         # a fixed seed of its own: sampled sonnets are reproducible and the training RNG is untouched
         devices = [device] if device.type == "cuda" else []
@@ -262,7 +267,8 @@ def train(model, task, make_optimizer: Callable, config: TrainConfig | None = No
                 best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             state["bad_evals"] += 1
-        save_checkpoint()
+        if save:
+            save_checkpoint()
         return entry
 
     start = time.perf_counter()
@@ -311,6 +317,7 @@ def train(model, task, make_optimizer: Callable, config: TrainConfig | None = No
                     run_evaluation()
                     if config.patience is not None and state["bad_evals"] >= config.patience:
                         state["status"] = "early_stopped"
+                        save_checkpoint()  # so that resuming this run does not train on
                         break
                 elif config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
                     save_checkpoint()
@@ -322,13 +329,13 @@ def train(model, task, make_optimizer: Callable, config: TrainConfig | None = No
                 state["epochs"].append({"epoch": state["epoch"] + 1, "step": state["step"], "train_loss": mean_loss})
                 evaluated_now = bool(state["evals"]) and state["evals"][-1]["step"] == state["step"]
                 if config.evaluate and not config.eval_every and not evaluated_now:
-                    entry = run_evaluation()
+                    entry = run_evaluation(save=False)  # saved just below, with the epoch counted
                     state["epochs"][-1].update({k: v for k, v in entry.items() if k not in ("step", "epoch")})
                 state["epoch"] += 1
                 state["batch"], state["epoch_loss"], state["epoch_batches"] = 0, 0.0, 0
-                save_checkpoint()
                 if config.patience is not None and state["bad_evals"] >= config.patience:
                     state["status"] = "early_stopped"
+                save_checkpoint()
         if state["status"] == "running":
             state["status"] = "completed"
             if config.evaluate and (not state["evals"] or state["evals"][-1]["step"] != state["step"]):
