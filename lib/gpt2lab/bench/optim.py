@@ -1,0 +1,111 @@
+"""Benchmark: one step of our AdamW vs torch.optim.AdamW(foreach=True) on GPT-2-small-shaped parameters.
+
+    python -m gpt2lab.bench optim [--device cpu|cuda] [--repeats 9] [--steps 2] [--dtype float32] [--small]
+
+The parameter shapes are GPT-2 small's (124,439,808 values: wte 50257×768, wpe 1024×768, 12 blocks of
+c_attn 768×2304, c_proj 768×768, c_fc 768×3072, mlp c_proj 3072×768, their biases and the LayerNorms); the
+gradients are random and fixed. Each optimizer gets its own copy of the parameters. Ours and torch's are timed
+in alternation (one timed batch of `--steps` steps each per repeat, order swapped every repeat) so that drifts in
+machine load hit both; the report gives the median step time of each and their ratio (ours / torch), and the
+ratio of the fastest runs too (the least disturbed by other processes on a shared machine).
+`--small` uses tiny shapes (the smoke test). Built for notebook 03 (adamw); timings are never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ..optim import AdamW
+
+
+def gpt2_shapes(vocab: int = 50257, n_positions: int = 1024, n_embd: int = 768, n_layer: int = 12) -> list[tuple]:
+    """The parameter shapes of GPT-2 (small by default), in the order the model registers them."""
+    shapes: list[tuple] = [(vocab, n_embd), (n_positions, n_embd)]
+    for _ in range(n_layer):
+        shapes += [(n_embd,), (n_embd,)]  # ln_1 weight, bias
+        shapes += [(n_embd, 3 * n_embd), (3 * n_embd,)]  # attn.c_attn
+        shapes += [(n_embd, n_embd), (n_embd,)]  # attn.c_proj
+        shapes += [(n_embd,), (n_embd,)]  # ln_2
+        shapes += [(n_embd, 4 * n_embd), (4 * n_embd,)]  # mlp.c_fc
+        shapes += [(4 * n_embd, n_embd), (n_embd,)]  # mlp.c_proj
+    shapes += [(n_embd,), (n_embd,)]  # ln_f
+    return shapes
+
+
+SMALL = dict(vocab=1000, n_positions=64, n_embd=64, n_layer=2)
+
+
+def make_params(shapes: list[tuple], device, dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).to(device=device, dtype=dtype))
+        p.grad = (torch.randn(shape, generator=g) * 1e-3).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(optimizer: torch.optim.Optimizer, steps: int, device: torch.device) -> float:
+    """Seconds per step, averaged over `steps` consecutive steps."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        optimizer.step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def run(device: str = "cpu", repeats: int = 9, steps: int = 2, dtype: str = "float32", small: bool = False) -> dict:
+    device_t = torch.device(device)
+    dtype_t = getattr(torch, dtype)
+    shapes = gpt2_shapes(**SMALL) if small else gpt2_shapes()
+    hyper = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    optimizers = {
+        "ours": AdamW(make_params(shapes, device_t, dtype_t), **hyper),
+        "torch": torch.optim.AdamW(make_params(shapes, device_t, dtype_t), foreach=True, **hyper),
+    }
+    for opt in optimizers.values():  # warm-up: creates the state, first-touch of its memory, kernel caches
+        time_steps(opt, 1, device_t)
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for r in range(repeats):
+        order = list(optimizers) if r % 2 == 0 else list(optimizers)[::-1]
+        for name in order:
+            times[name].append(time_steps(optimizers[name], steps, device_t))
+    n_values = sum(torch.Size(s).numel() for s in shapes)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    best = {name: min(t) for name, t in times.items()}
+    return dict(n_tensors=len(shapes), n_values=n_values, times=times, median=median, best=best,
+                ratio=median["ours"] / median["torch"], ratio_best=best["ours"] / best["torch"],
+                device=str(device_t), dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt2lab.bench optim", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=9, help="timed batches per optimizer (median reported)")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timed batch")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--small", action="store_true", help="tiny GPT-2 shapes (a smoke test, seconds)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.steps < 1:
+        parser.error("--repeats and --steps must be >= 1")
+
+    result = run(args.device, args.repeats, args.steps, args.dtype, args.small)
+    where = args.device if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"AdamW step, {'tiny' if args.small else 'GPT-2 small'} shapes: {result['n_tensors']} tensors, "
+          f"{result['n_values']:,} values, {args.dtype} on {where}; {args.repeats} repeats × {args.steps} steps")
+    for name, label in (("ours", "gpt2lab.optim.AdamW"), ("torch", "torch.optim.AdamW(foreach=True)")):
+        runs = ", ".join(f"{1e3 * t:.1f}" for t in result["times"][name])
+        print(f"  {label:34s} median {1e3 * result['median'][name]:9.2f} ms/step   (runs: {runs})")
+    print(f"  ratio ours / torch: {result['ratio']:.3f}x of medians, {result['ratio_best']:.3f}x of fastest runs "
+          "(target <= 1.2x)")
+    return 0
