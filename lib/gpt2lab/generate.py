@@ -43,6 +43,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     likely token is always kept. Notebook 02, §7."""
     if not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
+    if p == 1.0:
+        return logits  # everything (float rounding of the cumulative sum must not drop the tail)
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     probs = F.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above this one
