@@ -207,10 +207,11 @@ def test_early_stopping(tmp_path):
     assert again["status"] == "early_stopped" and again["steps"] == 3 and again["evals"] == record["evals"]
 
 
-def test_restore_best_and_record_file(tmp_path):
+def test_restore_best_and_record_file(tmp_path, capsys):
     model = toy_model()
     record = train(model, ToyTask(), torch.optim.AdamW,
                    toy_config(tmp_path, epochs=2, lr=3e-2, eval_every=2, run_name="rec", amp="bf16"))
+    assert "amp='bf16' needs a CUDA device; training in float32 on cpu" in capsys.readouterr().out
     run_dir = tmp_path / "rec"
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "checkpoint.pt", "record.json"]  # no temp files
     saved = json.loads((run_dir / "record.json").read_text())
