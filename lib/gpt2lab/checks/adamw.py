@@ -6,9 +6,12 @@ correction, L2 decay added to the gradient, decay after the update, ε inside th
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from ..optim.adamw import AdamW, adamw_single_tensor
+from ..optim.adamw import AdamW
+from ..optim.adamw import adamw_update as reference_update
 from .core import check, compare, expect
 
 GOLDEN = dict(  # ALGORITHMS.md §1, test T1.2 (float32)
@@ -91,15 +94,6 @@ def decoupled_decay(fn):
     return "θ·(1 − lr·λ) for three (lr, λ) pairs, λ = 0 included"
 
 
-def _reference_update(theta, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
-    """The library's step on copies: returns (theta, m, v) after step t (t counts from 1)."""
-    theta, m, v = theta.clone(), m.clone(), v.clone()
-    steps = [torch.tensor(float(t - 1), dtype=torch.float64)]
-    adamw_single_tensor([theta], [g.clone()], [m], [v], [], steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                        weight_decay=weight_decay, amsgrad=False)
-    return theta, m, v
-
-
 def _buggy_update(theta, g, m, v, t, lr, beta1, beta2, eps, weight_decay, bug):
     """Classic wrong versions of the step, to recognise them in a student's answer."""
     if bug == "coupled":
@@ -139,7 +133,7 @@ def adamw_update(fn):
     theta, m, v = _rand(4, 5, seed=7), torch.zeros(4, 5, dtype=torch.float64), torch.zeros(4, 5, dtype=torch.float64)
     for t in range(1, 41):
         g = _rand(4, 5, seed=100 + t) + 0.5
-        expected = _reference_update(theta, g, m, v, t, **hyper)
+        expected = reference_update(theta, g, m, v, t, **hyper)
         got = fn(theta.clone(), g.clone(), m.clone(), v.clone(), t, **hyper)
         expect(isinstance(got, tuple | list) and len(got) == 3, "return the triple (theta, m, v)")
         if not _close(got[0], expected[0], 1e-9):
@@ -167,8 +161,24 @@ def _tiny_model() -> torch.nn.Module:
     return model.double()
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """A 200-weight model runs fastest on one thread (and a busy shared machine hurts two threads most)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
+    with _one_thread():
+        return _train_loop(model, optimizer, steps, g)
+
+
+def _train_loop(model, optimizer, steps, g) -> torch.Tensor:
     for _ in range(steps):
         x = torch.randn(8, 6, generator=g, dtype=torch.float64)
         y = torch.sin(x.sum(dim=1, keepdim=True))
@@ -195,3 +205,10 @@ def adamw_optimizer(cls):
     expected = _train(reference, AdamW(groups(reference), **hyper), 100)
     compare("parameters after 100 steps (two param groups, no decay on biases/LayerNorm)", got, expected, atol=1e-9)
     return "100 steps with two param groups match the library AdamW (float64)"
+
+
+@check("torch_parity")
+def torch_parity(ours, theirs, atol: float = 1e-6):
+    """Weights trained with gpt2lab.optim.AdamW vs the same run with torch.optim.AdamW."""
+    compare("weights trained with gpt2lab.optim.AdamW vs torch.optim.AdamW", ours, theirs, atol=atol)
+    return f"all {torch.as_tensor(theirs).numel()} weights agree with torch.optim.AdamW within {atol:g}"

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["AdamW", "adamw_foreach", "adamw_single_tensor", "weight_decay_groups"]
+__all__ = ["AdamW", "adamw_foreach", "adamw_single_tensor", "adamw_update", "weight_decay_groups"]
 
 
 def adamw_single_tensor(
@@ -48,7 +48,7 @@ def adamw_single_tensor(
     weight_decay: float,
     amsgrad: bool,
 ) -> None:
-    """One AdamW step, one parameter at a time, in place. Built in notebook 03 (adamw), §5.
+    """One AdamW step, one parameter at a time, in place. Built in notebook 03 (adamw), §7 (`MyAdamW`).
 
     `steps` holds each parameter's step count as a 0-d tensor (torch's state format); it is incremented here.
     """
@@ -70,6 +70,21 @@ def adamw_single_tensor(
             exp_avg_sq = max_exp_avg_sqs[i]
         denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)  # √v̂ + ε
         param.addcdiv_(exp_avg, denom, value=-step_size)  # θ −= lr · m̂ / (√v̂ + ε)
+
+
+def adamw_update(
+    theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One AdamW step on one tensor, out of place: returns the new (theta, m, v); t is this step's number (from 1).
+
+    Built in notebook 03 (adamw), §5 (exercise 4); the notebook's plots and race use this library copy.
+    """
+    theta, m, v = theta.clone(), m.clone(), v.clone()
+    steps = [torch.tensor(float(t - 1), dtype=_scalar_dtype())]  # incremented to t inside
+    adamw_single_tensor([theta], [grad], [m], [v], [], steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                        weight_decay=weight_decay, amsgrad=False)
+    return theta, m, v
 
 
 def _group_by_device_and_dtype(tensor_lists: list[list[Tensor]]) -> list[list[list[Tensor]]]:
@@ -97,7 +112,7 @@ def adamw_foreach(
 ) -> None:
     """The same step as `adamw_single_tensor` on whole tensor lists (one `_foreach_*` call per operation).
 
-    Built in notebook 03 (adamw), §6. Same arguments; every operation matches the single-tensor line above it.
+    Explained in notebook 03 (adamw), §7. Same arguments; every operation matches the single-tensor line above it.
     """
     if not params:
         return
@@ -130,7 +145,7 @@ def adamw_foreach(
 class AdamW(torch.optim.Optimizer):
     """AdamW with torch semantics (bias-corrected moments, decoupled decay θ ← θ(1 − lr·λ) before the update).
 
-    Built in notebook 03 (adamw). Same arguments and state format (`step`, `exp_avg`, `exp_avg_sq`,
+    Built in notebook 03 (adamw), §4–§7. Same arguments and state format (`step`, `exp_avg`, `exp_avg_sq`,
     `max_exp_avg_sq`) as `torch.optim.AdamW`, so state dicts move between the two. `foreach=None` (default)
     and True use the `_foreach_*` path; False runs one parameter at a time (the notebook's version).
     Parameters whose `.grad` is None are skipped and get no state.
