@@ -318,3 +318,17 @@ def test_transformers_checks(models):
     with torch.no_grad():
         broken.transformer.h[1].ln_2.bias.add_(0.01)  # a planted bug in one weight
     assert not check.gpt2_matches_transformers(broken, ref, ids)
+
+
+def test_cache_and_greedy_checks_catch_bugs(models, monkeypatch):
+    ref, ours = models
+    ids = _prompts(B=1, seed=18)
+    broken = GPT2(ours.config).eval()
+    broken.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        broken.transformer.ln_f.weight.neg_()  # a sign error before the head
+    assert not check.greedy_matches_transformers(broken, ref, ids, 10)
+    from gpt2lab.model import KVCache
+
+    monkeypatch.setattr(KVCache, "update", lambda self, layer, k, v: (k, v))  # forgets the past
+    assert not check.cache_matches(ours, ids)

@@ -224,3 +224,27 @@ def test_dropout_only_in_training(tmp_path):
     assert not torch.equal(model(ids), model(ids))
     model.eval()
     assert torch.equal(model(ids), model(ids))
+
+
+def test_hub_names_go_through_snapshot_download(tmp_path, monkeypatch):
+    """No network in tests: the hub call is replaced; we check the repo id used and the error on failure."""
+    import huggingface_hub
+
+    ref = hf_tiny(15)
+    ref.save_pretrained(tmp_path / "snap")
+    asked = []
+
+    def fake_download(repo, allow_patterns=None):
+        asked.append(repo)
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    ours = GPT2.from_pretrained("gpt2", dropout=0.0).eval()
+    assert asked == ["openai-community/gpt2"] and ours.config.n_layer == 2 and ours.config.dropout == 0.0
+
+    def offline(repo, allow_patterns=None):
+        raise OSError("hub unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="pass a local folder"):
+        GPT2.from_pretrained("gpt2-medium")
