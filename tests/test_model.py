@@ -248,3 +248,49 @@ def test_hub_names_go_through_snapshot_download(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(FileNotFoundError, match="pass a local folder"):
         GPT2.from_pretrained("gpt2-medium")
+
+
+def test_tied_weight_gradient_paths_agree(tmp_path):
+    """The fast tied-weight path (row-sparse embedding gradient added into the head's) equals plain autograd."""
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config.tiny(vocab_size=97, n_positions=16))
+    ids = torch.randint(0, 97, (2, 9))
+    lm_loss(model(ids), ids).backward()  # fast path
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert not model.transformer.wte.weight.grad.is_sparse
+    model.zero_grad()
+    hidden = model(ids, return_hidden=True)  # plain nn.Embedding + the head applied by hand
+    lm_loss(hidden @ model.transformer.wte.weight.T, ids).backward()
+    for n, p in model.named_parameters():
+        assert (p.grad - fast[n]).abs().max() < 1e-6, n
+    lm_loss(model(ids), ids).backward()  # accumulation on top of an existing .grad
+    assert (model.transformer.wte.weight.grad - 2 * fast["transformer.wte.weight"]).abs().max() < 1e-6
+    model.zero_grad(set_to_none=True)
+    model.transformer.wte.weight.requires_grad_(False)  # frozen embeddings (e.g. LoRA)
+    lm_loss(model(ids), ids).backward()
+    assert model.transformer.wte.weight.grad is None and model.transformer.h[0].attn.c_attn.weight.grad is not None
+
+
+def test_inputs_embeds_equal_input_ids(models):
+    _, ours = models
+    ids = _batch(seed=16, B=2, T=7)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        embeds = ours.transformer.wte(ids)
+        assert torch.equal(ours(None, mask, inputs_embeds=embeds), ours(ids, mask))
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        ours(None, inputs_embeds=torch.zeros(1, 3, 5))
+
+
+def test_bf16_autocast_forward_backward():
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config.tiny(vocab_size=97, n_positions=16))
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+        loss = lm_loss(logits, ids)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16
+    for n, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n

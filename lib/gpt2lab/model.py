@@ -241,14 +241,22 @@ class GPT2(nn.Module):
 
     # -- pieces, each an exercise in notebook 02
 
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Token embedding + position embedding, then dropout: (B, T) ids -> (B, T, C). Notebook 02, §2."""
-        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
-        return self.transformer.drop(x)
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, inputs_embeds=None, _row_grad=False):
+        """Token embedding + position embedding, then dropout: (B, T) ids -> (B, T, C). Notebook 02, §2.
+
+        `inputs_embeds` (B, T, C) replaces the token lookup (e.g. to perturb the embeddings).
+        """
+        if inputs_embeds is not None:
+            tok = inputs_embeds  # (B, T, C)
+        elif _row_grad:
+            tok = _RowGradEmbedding.apply(input_ids, self.transformer.wte.weight)  # (B, T, C)
+        else:
+            tok = self.transformer.wte(input_ids)  # (B, T, C)
+        return self.transformer.drop(tok + self.transformer.wpe(position_ids))
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (after ln_f) -> logits: hidden @ wteᵀ, (B, T, C) -> (B, T, vocab). Notebook 02, §4."""
-        return self.lm_head(hidden)
+        return _TiedHead.apply(hidden, self.lm_head.weight)  # (B, T, vocab); same numbers as self.lm_head(hidden)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters (the tied head counted once); `exclude_embeddings` leaves out wte and wpe."""
@@ -261,20 +269,25 @@ class GPT2(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, C) with `return_hidden`.
 
         attention_mask: (B, T) of 0/1 (right or left padding), or (B, past + T) when a `cache` holds past tokens.
         position_ids: default from the mask (see the module docstring), else past + 0..T-1.
         cache: a `KVCache`; the new keys/values are stored and `cache.length` advances by T.
+        inputs_embeds: (B, T, C) token embeddings used instead of looking up input_ids (pass input_ids=None).
         """
-        hidden, _ = self._run(input_ids, attention_mask, position_ids, cache, return_weights=False)
+        # When the tied head runs in this same graph, its dense (vocab, C) weight gradient always arrives before the
+        # embedding's, so the embedding can send only its B*T rows, added in place (see _RowGradEmbedding).
+        row_grad = not return_hidden and torch.is_grad_enabled() and self.transformer.wte.weight.requires_grad
+        hidden, _ = self._run(input_ids, attention_mask, position_ids, cache, False, inputs_embeds, row_grad)
         return hidden if return_hidden else self.head(hidden)
 
     def hidden_states(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -287,10 +300,20 @@ class GPT2(nn.Module):
         _, maps = self._run(input_ids, attention_mask, None, None, return_weights=True)
         return maps
 
-    def _run(self, input_ids, attention_mask, position_ids, cache, return_weights):
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids should be (batch, seq) token ids, got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
+    def _run(self, input_ids, attention_mask, position_ids, cache, return_weights, inputs_embeds=None, row_grad=False):
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.n_embd:
+                raise ValueError(
+                    f"inputs_embeds should be (batch, seq, {self.config.n_embd}), got {inputs_embeds.shape}"
+                )
+            B, T, _ = inputs_embeds.shape
+            device = inputs_embeds.device
+        elif input_ids is None or input_ids.dim() != 2:
+            shape = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(f"input_ids should be (batch, seq) token ids, got {shape}")
+        else:
+            B, T = input_ids.shape
+            device = input_ids.device
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_positions:
             raise ValueError(f"sequence of {past + T} tokens is longer than n_positions={self.config.n_positions}")
@@ -305,10 +328,10 @@ class GPT2(nn.Module):
             if bool(attention_mask.all()):
                 attention_mask = None  # nothing padded: take the fast causal path
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
+            position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
         # None -> the fused kernel's own causal masking; otherwise a boolean (B, 1, T, past + T) mask
-        mask = None if attention_mask is None else combined_mask(attention_mask, T, past + T, device=input_ids.device)
-        x = self.embed(input_ids, position_ids)  # (B, T, C)
+        mask = None if attention_mask is None else combined_mask(attention_mask, T, past + T, device=device)
+        x = self.embed(input_ids, position_ids, inputs_embeds, row_grad)  # (B, T, C)
         maps = []
         for i, block in enumerate(self.transformer.h):
             if return_weights:
@@ -369,6 +392,55 @@ class GPT2(nn.Module):
         with torch.no_grad():
             for dst, w in loaded.items():
                 ours[dst].copy_(w)
+
+
+class _TiedHead(torch.autograd.Function):
+    """logits = hidden @ Wᵀ, with the weight gradient computed as one fresh (vocab, C) matrix.
+
+    Same numbers as nn.Linear. Why a Function: autograd's own weight gradient for `x @ W.t()` comes out as a
+    transposed view, which the engine will not add the embedding's gradient into in place; this one can be.
+    Under autocast the backward runs in the gradient's dtype and casts back, as autocast's own linear does.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        return F.linear(hidden, weight)  # (B, T, vocab)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (B*T, vocab)
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (g @ weight.to(g.dtype)).view(hidden.shape).to(hidden.dtype)  # (B, T, C)
+        if ctx.needs_input_grad[1]:
+            h = hidden.reshape(-1, hidden.shape[-1]).to(g.dtype)  # (B*T, C)
+            grad_weight = g.t().mm(h).to(weight.dtype)  # (vocab, C), contiguous
+        return grad_hidden, grad_weight
+
+
+class _RowGradEmbedding(torch.autograd.Function):
+    """Token lookup whose weight gradient is sparse: only the B*T looked-up rows.
+
+    Only used when the tied head runs in the same forward: the head's dense (vocab, C) gradient then reaches the
+    shared weight first, and the engine adds these rows into it in place. That skips zero-filling and adding a
+    second dense (vocab, C) gradient (38M floats for gpt2) on every step. The weight's .grad ends up dense, as usual.
+    """
+
+    @staticmethod
+    def forward(ctx, input_ids, weight):
+        ctx.save_for_backward(input_ids)
+        ctx.weight_shape = weight.shape
+        return F.embedding(input_ids, weight)  # (B, T, C)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[1]:
+            return None, None
+        (input_ids,) = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])  # (B*T, C); repeated ids simply add up
+        return None, torch.sparse_coo_tensor(input_ids.reshape(1, -1), rows, ctx.weight_shape, check_invariants=False)
 
 
 class WeightLoadError(ValueError):
@@ -459,10 +531,10 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch
     Built in notebook 02 (gpt2), §4. The same number transformers gives with labels=input_ids and -100 on padding.
     """
     B, T, V = logits.shape
-    targets = input_ids[:, 1:]  # (B, T-1)
-    if attention_mask is not None:
-        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets.reshape(-1), ignore_index=-100)
+    targets = input_ids.masked_fill(attention_mask == 0, -100) if attention_mask is not None else input_ids
+    # shift the targets, not the logits: slicing the (B, T, vocab) logits would copy them (and their gradient)
+    targets = F.pad(targets[:, 1:], (0, 1), value=-100)  # (B, T): the last position predicts nothing
+    return F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(-1), ignore_index=-100)
 
 
 __all__ = [

@@ -99,7 +99,8 @@ def bench_train(args, config) -> float:
     )
     print(f"  ours             median {m_ours * 1e3:9.1f} ms   (min {min(t_ours) * 1e3:.1f})")
     print(f"  transformers     median {m_ref * 1e3:9.1f} ms   (min {min(t_ref) * 1e3:.1f})")
-    print(f"  ratio ours/transformers = {m_ours / m_ref:.3f}  (target <= 0.9)")
+    print(f"  ratio ours/transformers = {m_ours / m_ref:.3f}  (medians; target <= 0.9)   "
+          f"ratio of the minima = {min(t_ours) / min(t_ref):.3f}")  # fmt: skip
     return m_ours / m_ref
 
 
