@@ -284,11 +284,13 @@ class GPT2(nn.Module):
         cache: a `KVCache`; the new keys/values are stored and `cache.length` advances by T.
         inputs_embeds: (B, T, C) token embeddings used instead of looking up input_ids (pass input_ids=None).
         """
-        # When the tied head runs in this same graph, its dense (vocab, C) weight gradient always arrives before the
-        # embedding's, so the embedding can send only its B*T rows, added in place (see _RowGradEmbedding).
-        row_grad = not return_hidden and torch.is_grad_enabled() and self.transformer.wte.weight.requires_grad
+        # Speed (training): when the tied head runs in this same graph, the embedding sends only the gradient of its
+        # B*T rows and autograd adds them into the head's dense (vocab, C) gradient in place (see _RowGradEmbedding).
+        wte = self.transformer.wte.weight
+        row_grad = not return_hidden and torch.is_grad_enabled() and wte.requires_grad and inputs_embeds is None
+        head_weight = _ReachedLast.apply(wte) if row_grad else wte  # created before the embedding: see its docstring
         hidden, _ = self._run(input_ids, attention_mask, position_ids, cache, False, inputs_embeds, row_grad)
-        return hidden if return_hidden else self.head(hidden)
+        return hidden if return_hidden else _TiedHead.apply(hidden, head_weight)  # (B, T, vocab)
 
     def hidden_states(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
         """The final hidden states (after ln_f), (B, T, C): `forward(..., return_hidden=True)`."""
@@ -420,12 +422,27 @@ class _TiedHead(torch.autograd.Function):
         return grad_hidden, grad_weight
 
 
+class _ReachedLast(torch.autograd.Function):
+    """Identity on the tied weight, placed in front of the head. Created before the embedding lookup, so autograd
+    runs it after the embedding's backward: the sparse rows reach the weight first and the dense head gradient is
+    then added to them in place (the other order makes autograd copy the dense gradient). Only speed depends on
+    this order; the summed gradient is the same either way."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 class _RowGradEmbedding(torch.autograd.Function):
     """Token lookup whose weight gradient is sparse: only the B*T looked-up rows.
 
-    Only used when the tied head runs in the same forward: the head's dense (vocab, C) gradient then reaches the
-    shared weight first, and the engine adds these rows into it in place. That skips zero-filling and adding a
-    second dense (vocab, C) gradient (38M floats for gpt2) on every step. The weight's .grad ends up dense, as usual.
+    Only used when the tied head runs in the same forward, so that a dense (vocab, C) gradient from the head always
+    joins these rows and the weight's .grad ends up dense, as usual. That skips zero-filling and adding a second
+    dense (vocab, C) gradient (38M floats for gpt2) on every training step.
     """
 
     @staticmethod
