@@ -97,10 +97,11 @@ def gpt2_matches_transformers(ours: GPT2, reference, input_ids, attention_mask=N
 @check("greedy_matches_transformers")
 def greedy_matches_transformers(ours: GPT2, reference, input_ids, max_new_tokens: int = 20):
     """Greedy generation of our model vs transformers' generate: identical tokens."""
-    got = gen.generate(ours, input_ids, max_new_tokens)
+    eos = reference.generation_config.eos_token_id  # both stop at end-of-text, if it comes
+    got = gen.generate(ours, input_ids, max_new_tokens, eos_token_id=eos)
     expected = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=reference.config.eos_token_id)  # fmt: skip
-    compare("greedy tokens", got, expected[:, : got.shape[1]])
+                                  do_sample=False, eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+    compare("greedy tokens", got, expected)
     return f"greedy generation identical to transformers for {max_new_tokens} tokens"
 
 
