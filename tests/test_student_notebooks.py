@@ -1,8 +1,8 @@
 """Run each student notebook as handed out (every exercise still a stub), the way a student first meets it.
 
-Only the exercise cells may fail, each with NotImplementedError; every check cell must answer "not implemented yet"
-instead of a traceback; everything else (plots, widgets, later sections built on the library copy) must run.
-Quick mode keeps this to seconds per notebook.
+Only the exercise cells may fail, each with NotImplementedError; each exercise's check cell must answer "not
+implemented yet" instead of a traceback (checks of the library copy still pass); everything else (plots, widgets,
+later sections built on the library copy) must run. Quick mode keeps this to seconds per notebook.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def test_student_notebook_runs_with_stubs(path, monkeypatch, sonnet_data, quora_
         else:
             assert not errors, f"{path.name} cell {index} raised {errors[0].ename}: {errors[0].evalue}"
         if "NBVAL_CHECK_OUTPUT" in cell.source and "check." in cell.source:
-            checks += 1
             text = "".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in cell.outputs)
-            assert "✗" in text and "not implemented yet" in text, f"{path.name} cell {index}: {text!r}"
-    assert stubs >= 1 and checks >= stubs, f"{path.name}: {stubs} exercises, {checks} check cells"
+            # an exercise's check says "not implemented yet"; a check of the library copy (e.g. parity) still passes
+            assert "not implemented yet" in text or text.lstrip().startswith("✓"), f"{path.name} cell {index}: {text!r}"
+            checks += "not implemented yet" in text
+    assert stubs >= 1 and checks >= stubs, f"{path.name}: {stubs} exercise cells but {checks} checks say so"
