@@ -294,3 +294,29 @@ def test_bf16_autocast_forward_backward():
     assert logits.dtype == torch.bfloat16
     for n, p in model.named_parameters():
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), n
+
+
+def test_lm_loss_ignores_padding_on_either_side():
+    """Left padding must not add a 'pad predicts the first real token' term: same loss as right padding."""
+    from gpt2lab.model import GPT2, GPT2Config, lm_loss
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config.tiny(vocab_size=97)).eval()
+    seqs = [[5, 9, 2, 44, 7], [3, 8, 1]]
+    losses = {}
+    for side in ("right", "left"):
+        ids = torch.zeros(2, 5, dtype=torch.long)
+        mask = torch.zeros(2, 5, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            span = slice(0, len(seq)) if side == "right" else slice(5 - len(seq), 5)
+            ids[row, span], mask[row, span] = torch.tensor(seq), 1
+        losses[side] = lm_loss(model(ids, mask), ids, mask)
+    # by hand: every real (t, t+1) pair of each sequence run alone
+    terms = []
+    for seq in seqs:
+        ids = torch.tensor([seq])
+        logp = model(ids).log_softmax(-1)[0]
+        terms += [-logp[t, seq[t + 1]] for t in range(len(seq) - 1)]
+    expected = torch.stack(terms).mean()
+    torch.testing.assert_close(losses["right"], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(losses["left"], expected, rtol=0, atol=1e-5)

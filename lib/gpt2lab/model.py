@@ -543,14 +543,21 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits at t predict input_ids at t+1; padded targets are ignored.
+    """Mean next-token cross-entropy: logits at t predict input_ids at t+1; pairs touching padding are ignored.
 
-    Built in notebook 02 (gpt2), §4. The same number transformers gives with labels=input_ids and -100 on padding.
+    Built in notebook 02 (gpt2), §4. A target counts only when it and the position predicting it are both real
+    tokens, so left and right padding give the same loss. With right padding this is the number transformers gives
+    with labels=input_ids and -100 on padding (with left padding theirs also counts a pad predicting the first token).
     """
     B, T, V = logits.shape
-    targets = input_ids.masked_fill(attention_mask == 0, -100) if attention_mask is not None else input_ids
-    # shift the targets, not the logits: slicing the (B, T, vocab) logits would copy them (and their gradient)
-    targets = F.pad(targets[:, 1:], (0, 1), value=-100)  # (B, T): the last position predicts nothing
+    targets = input_ids
+    if attention_mask is not None:
+        real = attention_mask.bool()  # (B, T)
+        real_pair = torch.cat([real[:, :-1] & real[:, 1:], real[:, :1] & False], dim=1)  # (B, T): t and t+1 real
+        targets = F.pad(input_ids[:, 1:], (0, 1), value=-100).masked_fill(~real_pair, -100)  # (B, T)
+    else:
+        # shift the targets, not the logits: slicing the (B, T, vocab) logits would copy them (and their gradient)
+        targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, T): the last position predicts nothing
     return F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(-1), ignore_index=-100)
 
 
