@@ -23,6 +23,7 @@ help:
 	@echo "make test      lint, check notebooks/ is in step, run pytest and nbval (quick mode)"
 	@echo "make student   regenerate notebooks/ from solutions/"
 	@echo "make solutions re-execute solutions/ in quick mode (refreshes the outputs nbval checks)"
+	@echo "make bench     our GPT-2 and AdamW against transformers and torch.optim, side by side (ratios)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,3 +48,7 @@ student: $(STAMP)
 solutions: $(STAMP)
 	GPT2LAB_QUICK=1 $(PY) -m gpt2lab.course execute
 	$(PY) -m gpt2lab.course build
+
+bench: $(STAMP)
+	$(PY) -m gpt2lab.bench model $(BENCH_ARGS)
+	$(PY) -m gpt2lab.bench optim $(BENCH_ARGS)

@@ -191,3 +191,10 @@ def test_download_is_atomic_and_checks_sha(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DOWNLOADS", {"sub/a.txt": ("https://example.invalid/a", None)})
     data.download()
     assert (tmp_path / "sub" / "a.txt").read_bytes() == b"hello"
+
+
+def test_shown_path_is_relative_in_or_beside_the_repo(tmp_path):
+    assert data.shown_path(data.REPO_ROOT / "data") == "data"
+    assert data.shown_path(data.REPO_ROOT.parent / "shared" / "data") == "../shared/data"
+    far = data.REPO_ROOT.parent.parent / "elsewhere" / "data"
+    assert data.shown_path(far) == str(far)

@@ -33,22 +33,22 @@ QUORA_FILES = {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quor
 TOKENIZER_DIR = "gpt2-tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
-_CS224N_GPT = "https://raw.githubusercontent.com/yichang-yang/cs224n_gpt/306e163a0430dcc26697debebeefedffdd016bc7/data/"
-_CS224N_GPT_QUORA = "https://raw.githubusercontent.com/yichang-yang/cs224n_gpt/c541006c9c3c65b61438b229619e2e330563baad/data/"
-_MINBERT_DEV = "https://raw.githubusercontent.com/gpoesia/minbert-default-final-project/571f43439d622b9443b984b09b1ee439b7f873df/data/"
-_MINBERT_TRAIN = "https://raw.githubusercontent.com/VoidMercy/minbert-default-final-project/2a5fa9e/data/"
-_GPT2_HUB = "https://huggingface.co/openai-community/gpt2/resolve/main/"
+_SONNETS_SRC = "https://raw.githubusercontent.com/yichang-yang/cs224n_gpt/306e163a0430dcc26697debebeefedffdd016bc7/data/"
+_QUORA_TEST_SRC = "https://raw.githubusercontent.com/yichang-yang/cs224n_gpt/c541006c9c3c65b61438b229619e2e330563baad/data/"
+_QUORA_DEV_SRC = "https://raw.githubusercontent.com/gpoesia/minbert-default-final-project/571f43439d622b9443b984b09b1ee439b7f873df/data/"
+_QUORA_TRAIN_SRC = "https://raw.githubusercontent.com/VoidMercy/minbert-default-final-project/2a5fa9e/data/"
+_TOKENIZER_SRC = "https://huggingface.co/openai-community/gpt2/resolve/main/"
 # file in the data dir -> (url, first 16 hex digits of its sha256, or None where the online copy is larger)
 DOWNLOADS = {
-    "sonnets.txt": (_CS224N_GPT + "sonnets.txt", "1e97adb7182237e4"),
-    "sonnets_held_out_dev.txt": (_CS224N_GPT + "sonnets_held_out_dev.txt", "309ae8da81a24de6"),
-    "TRUE_sonnets_held_out_dev.txt": (_CS224N_GPT + "TRUE_sonnets_held_out_dev.txt", "fb41ee87e70107f5"),
-    "sonnets_held_out.txt": (_CS224N_GPT + "sonnets_held_out.txt", "daf7afd5d932acbe"),
-    "quora-train.csv": (_MINBERT_TRAIN + "quora-train.csv", None),
-    "quora-dev.csv": (_MINBERT_DEV + "quora-dev.csv", "bfa3cc954a9ba300"),
-    "quora-test-student.csv": (_CS224N_GPT_QUORA + "quora-test-student-30.csv", "55ca417ee53f0d02"),
-    "gpt2-tokenizer/vocab.json": (_GPT2_HUB + "vocab.json", "196139668be63f3b"),
-    "gpt2-tokenizer/merges.txt": (_GPT2_HUB + "merges.txt", "1ce1664773c50f3e"),
+    "sonnets.txt": (_SONNETS_SRC + "sonnets.txt", "1e97adb7182237e4"),
+    "sonnets_held_out_dev.txt": (_SONNETS_SRC + "sonnets_held_out_dev.txt", "309ae8da81a24de6"),
+    "TRUE_sonnets_held_out_dev.txt": (_SONNETS_SRC + "TRUE_sonnets_held_out_dev.txt", "fb41ee87e70107f5"),
+    "sonnets_held_out.txt": (_SONNETS_SRC + "sonnets_held_out.txt", "daf7afd5d932acbe"),
+    "quora-train.csv": (_QUORA_TRAIN_SRC + "quora-train.csv", None),
+    "quora-dev.csv": (_QUORA_DEV_SRC + "quora-dev.csv", "bfa3cc954a9ba300"),
+    "quora-test-student.csv": (_QUORA_TEST_SRC + "quora-test-student-30.csv", "55ca417ee53f0d02"),
+    "gpt2-tokenizer/vocab.json": (_TOKENIZER_SRC + "vocab.json", "196139668be63f3b"),
+    "gpt2-tokenizer/merges.txt": (_TOKENIZER_SRC + "merges.txt", "1ce1664773c50f3e"),
 }
 
 
@@ -64,6 +64,12 @@ def data_dir() -> Path:
     """The data directory: $GPT2LAB_DATA if set, else <repo>/data."""
     env = os.environ.get(DATA_ENV)
     return Path(env).expanduser().resolve() if env else REPO_ROOT / "data"
+
+
+def shown_path(path: Path) -> str:
+    """A path as printed to learners: relative to the repo when it sits in or beside it, else absolute."""
+    relative = os.path.relpath(path, REPO_ROOT)
+    return relative if not relative.startswith(os.path.join(os.pardir, os.pardir)) else str(path)
 
 
 def data_path(name: str) -> Path:

@@ -60,10 +60,11 @@ class Setup:
         import transformers
 
         mode = "quick (tiny models, few steps)" if self.quick else "real"
+        from .data import shown_path
         return (
             f"gpt2lab | python {platform.python_version()} | torch {torch.__version__} | "
             f"transformers {transformers.__version__} | device {self.device} | mode {mode} | "
-            f"seed {self.seed} | data {self.data_dir}"
+            f"seed {self.seed} | data {shown_path(self.data_dir)}"
         )
 
 

@@ -10,7 +10,7 @@ import functools
 import os
 from pathlib import Path
 
-from .data import TOKENIZER_DIR, TOKENIZER_FILES, data_dir
+from .data import TOKENIZER_DIR, TOKENIZER_FILES, data_dir, shown_path
 
 HUB_NAME = "gpt2"
 
@@ -62,7 +62,8 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return f"Tokenizer(GPT-2 BPE, vocab {self.vocab_size}, eos {self.eos_token_id}, from {self.source})"
+        source = shown_path(Path(self.source)) if os.path.isabs(self.source) else self.source  # a folder or hub name
+        return f"Tokenizer(GPT-2 BPE, vocab {self.vocab_size}, eos {self.eos_token_id}, from {source})"
 
 
 def tokens_per_line(text: str, tokenizer: Tokenizer) -> list[int]:

@@ -1,9 +1,8 @@
 """The machinery behind every check cell: a result that prints as one line, and a strict tensor comparison.
 
-Used by the check modules of every notebook (00 welcome onward). The tone follows a good `cmp()` self-check:
-✓ says what passed; ✗ says which element differs, expected vs got, and the max abs difference; a stub that
-still raises NotImplementedError reads "not implemented yet". ✓ lines never print machine-dependent floats,
-so nbval can compare them across machines.
+Used by the check modules of every notebook (00 welcome onward). ✓ says what passed; ✗ says which element
+differs, expected vs got, and the max abs difference; a stub that still raises NotImplementedError reads
+"not implemented yet". ✓ lines never print machine-dependent floats, so nbval can compare them across machines.
 """
 
 from __future__ import annotations
