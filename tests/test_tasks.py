@@ -290,11 +290,13 @@ def _stub(*args):
 
 
 def test_check_lm_targets():
-    ref = lambda ids, mask: ids[:, 1:].masked_fill(mask[:, 1:] == 0, tasks.IGNORE_INDEX)
+    ref = lambda ids, mask: ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), tasks.IGNORE_INDEX)
     assert checks.lm_targets(ref).passed
     assert "not implemented yet" in str(checks.lm_targets(_stub))
     bugs = {
         "no mask": lambda ids, mask: ids[:, 1:],
+        "target side only (right padding only)": lambda ids, mask: ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100),
+        "not a tensor": lambda ids, mask: ids[:, 1:].tolist(),
         "mask not shifted": lambda ids, mask: ids[:, 1:].masked_fill(mask[:, :-1] == 0, -100),
         "targets not shifted": lambda ids, mask: ids[:, :-1].masked_fill(mask[:, 1:] == 0, -100),
         "all T positions": lambda ids, mask: ids.masked_fill(mask == 0, -100),
@@ -304,6 +306,20 @@ def test_check_lm_targets():
         result = checks.lm_targets(bug)
         assert not result.passed, name
         assert str(result).startswith("✗") and "\n" not in str(result)
+        assert str(result).count("✗") == 1, str(result)  # one ✗, put there by the check machinery
+    assert "left-padded" in str(checks.lm_targets(bugs["target side only (right padding only)"]))
+
+
+def test_lm_targets_check_agrees_with_lm_loss_under_left_padding():
+    """The notebook's targets and gpt2lab.model.lm_loss mask the same pairs, also for left-padded rows."""
+    from gpt2lab.model import lm_loss
+
+    ids, mask = checks._padded_batch()
+    assert mask[3, 0] == 0 and mask[3, -1] == 1  # the check really has a left-padded row
+    targets = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), tasks.IGNORE_INDEX)
+    logits = torch.randn(*ids.shape, 50, generator=torch.Generator().manual_seed(5))
+    by_targets = F.cross_entropy(logits[:, :-1].reshape(-1, 50), targets.reshape(-1), ignore_index=-100)
+    assert by_targets.item() == pytest.approx(lm_loss(logits, ids, mask).item(), abs=1e-6)
 
 
 def test_check_cloze_predict():
@@ -323,3 +339,66 @@ def test_check_cloze_predict():
         result = checks.cloze_predict(bug)
         assert not result.passed, name
         assert "\n" not in str(result)
+
+
+def _hand_cloze_loss(logits, mask, labels):
+    """The reference loss written out: last real token, ("no", "yes") columns, 2-way cross-entropy, mean."""
+    rows = torch.arange(len(labels))
+    last = tasks.last_token_index(mask)
+    return F.cross_entropy(logits[rows, last][:, [3919, 8505]].float(), labels)
+
+
+def test_check_cloze_loss():
+    assert checks.cloze_loss(tasks.cloze_loss).passed
+    assert checks.cloze_loss(_hand_cloze_loss).passed
+    assert "not implemented yet" in str(checks.cloze_loss(_stub))
+    rows = lambda lab: torch.arange(len(lab))
+    last = tasks.last_token_index
+    bugs = {
+        "full vocabulary": lambda lg, m, lab: F.cross_entropy(
+            lg[rows(lab), last(m)], torch.tensor([8505 if y else 3919 for y in lab.tolist()])),
+        "answer order yes, no": lambda lg, m, lab: F.cross_entropy(lg[rows(lab), last(m)][:, [8505, 3919]], lab),
+        "last column": lambda lg, m, lab: F.cross_entropy(lg[:, -1][:, [3919, 8505]], lab),
+        "mask.sum() - 1 (right padding only)": lambda lg, m, lab: F.cross_entropy(
+            lg[rows(lab), m.sum(1) - 1][:, [3919, 8505]], lab),
+        "sum, not mean": lambda lg, m, lab: F.cross_entropy(
+            lg[rows(lab), last(m)][:, [3919, 8505]], lab, reduction="sum"),
+        "space tokens": lambda lg, m, lab: F.cross_entropy(lg[rows(lab), last(m)][:, [645, 3763]], lab),
+        "labels flipped": lambda lg, m, lab: tasks.cloze_loss(lg, m, 1 - lab),
+        "per-row losses": lambda lg, m, lab: F.cross_entropy(
+            lg[rows(lab), last(m)][:, [3919, 8505]], lab, reduction="none"),
+        ".item()": lambda lg, m, lab: tasks.cloze_loss(lg, m, lab).item(),
+        "detached": lambda lg, m, lab: tasks.cloze_loss(lg.detach(), m, lab),
+    }
+    for name, bug in bugs.items():
+        result = checks.cloze_loss(bug)
+        assert not result.passed, name
+        assert str(result).startswith("✗") and str(result).count("✗") == 1 and "\n" not in str(result), name
+    assert "left-padded" in str(checks.cloze_loss(bugs["mask.sum() - 1 (right padding only)"]))
+    assert "right-padded" in str(checks.cloze_loss(bugs["last column"]))
+
+
+def test_paraphrase_task_trains_and_predicts_with_the_library_cloze_functions(paraphrase_task, monkeypatch):
+    """No second copy: ParaphraseTask.loss / predict go through tasks.cloze_loss / tasks.cloze_predict."""
+    model = tiny_model()
+    batch = paraphrase_task.collate(PAIRS)
+    calls = []
+    real_loss, real_predict = tasks.cloze_loss, tasks.cloze_predict
+    monkeypatch.setattr(tasks, "cloze_loss", lambda *a: calls.append("loss") or real_loss(*a))
+    monkeypatch.setattr(tasks, "cloze_predict", lambda *a: calls.append("predict") or real_predict(*a))
+    paraphrase_task.loss(model, batch)
+    paraphrase_task.predict(model, PAIRS)
+    assert calls == ["loss", "predict"]
+    # a planted bug in the library copy changes the task's loss: the task has no copy of its own
+    monkeypatch.setattr(tasks, "cloze_loss", lambda lg, m, lab: real_loss(lg, m, 1 - lab))
+    with torch.no_grad():
+        flipped = paraphrase_task.loss(model, batch).item()
+    monkeypatch.setattr(tasks, "cloze_loss", real_loss)
+    with torch.no_grad():
+        assert flipped != pytest.approx(paraphrase_task.loss(model, batch).item(), abs=1e-6)
+
+
+def test_cloze_loss_rejects_labels_of_the_wrong_shape():
+    logits = torch.zeros(2, 3, 50257)
+    with pytest.raises(ValueError, match="one 0/1 label per row"):
+        tasks.cloze_loss(logits, torch.ones(2, 3, dtype=torch.long), torch.tensor([[1], [0]]))

@@ -1,9 +1,9 @@
 """The course's metrics: chrF for generated sonnets, accuracy / F1 / confusion matrix for paraphrase detection.
 
-Built in notebook 04 (finetune), §4 (chrF) and §5 (classification). chrF is sacrebleu's CHRF with its default
-settings (character 6-grams, beta 2, no word n-grams), scored at the corpus level, so our numbers are comparable
-with anyone else's who calls sacrebleu. The classification metrics are a few lines each, written out so the arithmetic
-is visible; the positive class (label 1) is "the two questions are duplicates".
+Used in notebook 04 (finetune), §4 (chrF) and §5 (classification); none of them is an exercise there. chrF is
+sacrebleu's CHRF with its default settings (character 6-grams, beta 2, no word n-grams), scored at the corpus level,
+so our numbers are comparable with anyone else's who calls sacrebleu. The classification metrics are a few lines
+each, written out so the arithmetic is visible; the positive class (label 1) is "the two questions are duplicates".
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Corpus-level chrF (0-100) of `hypotheses` against one reference each, with sacrebleu's defaults.
 
-    Built in notebook 04 (finetune), §4.
+    Used in notebook 04 (finetune), §4.
     """
     from sacrebleu.metrics import CHRF
 
@@ -57,7 +57,7 @@ def _pair(pred, gold) -> tuple[list[int], list[int]]:
 def confusion_matrix(pred, gold) -> list[list[int]]:
     """[[TN, FP], [FN, TP]]: row = gold label, column = predicted label (0 then 1).
 
-    Built in notebook 04 (finetune), §5.
+    Used in notebook 04 (finetune), §5.
     """
     p, g = _pair(pred, gold)
     m = [[0, 0], [0, 0]]
@@ -67,7 +67,7 @@ def confusion_matrix(pred, gold) -> list[list[int]]:
 
 
 def accuracy(pred, gold) -> float:
-    """Fraction of predictions equal to the gold label. Built in notebook 04 (finetune), §5."""
+    """Fraction of predictions equal to the gold label. Used in notebook 04 (finetune), §5."""
     p, g = _pair(pred, gold)
     return sum(pi == gi for pi, gi in zip(p, g)) / len(p)
 
@@ -76,7 +76,7 @@ def f1(pred, gold) -> float:
     """Binary F1 of the positive class (1 = duplicate): 2·TP / (2·TP + FP + FN).
 
     When there is no positive anywhere (TP = FP = FN = 0) precision and recall are undefined; we return 0.0,
-    the usual convention. Built in notebook 04 (finetune), §5.
+    the usual convention. Used in notebook 04 (finetune), §5.
     """
     (_, fp), (fn, tp) = confusion_matrix(pred, gold)
     denominator = 2 * tp + fp + fn

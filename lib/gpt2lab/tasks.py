@@ -18,7 +18,8 @@ lines + the generated ones) against the gold dev sonnets with chrF.
 
 ParaphraseTask (§5): Quora duplicate detection as a cloze. ONE prompt, used identically for train, dev
 and test, asks the question and the model's next token is read: "yes" (id 8505) or "no" (id 3919). The loss
-is cross-entropy over those two logits at the last real token; the prediction is the larger of the two.
+is cross-entropy over those two logits at the last real token (`cloze_loss`); the prediction is the larger of the
+two (`cloze_predict`). The task calls exactly these two functions.
 """
 
 from __future__ import annotations
@@ -277,15 +278,30 @@ def answer_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.T
 def cloze_loss(logits: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the two answer logits (a 2-way softmax over "no"/"yes"), averaged over the batch.
 
-    Built in notebook 04 (finetune), §5. We use the two answer logits, not the whole vocabulary: the prediction
-    compares exactly these two, so the loss trains exactly what is measured.
+    Built in notebook 04 (finetune), §5; ParaphraseTask.loss calls this function. logits (B, T, V), attention_mask
+    (B, T) with any padding side, labels (B,) 0/1. We use the two answer logits, not the whole vocabulary: the
+    prediction compares exactly these two, so the loss trains exactly what is measured.
     """
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(f"labels {tuple(labels.shape)} must be (B,) = ({logits.shape[0]},): one 0/1 label per row")
     return F.cross_entropy(answer_logits(logits, attention_mask).float(), labels)
 
 
 def cloze_predict(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """1 where "yes" beats "no" at the last real token, else 0: (B,). Built in notebook 04 (finetune), §5."""
+    """1 where "yes" beats "no" at the last real token, else 0: (B,).
+
+    Built in notebook 04 (finetune), §5; ParaphraseTask.predict calls this function.
+    """
     return answer_logits(logits, attention_mask).argmax(dim=-1)
+
+
+def last_position_only(last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) logits of the last real tokens -> (B, 1, V) logits and their (B, 1) all-real mask.
+
+    `last_token_logits` runs the head at the last real token only; seen as a batch of one-position rows, those
+    logits go through the very same cloze_loss / cloze_predict as full (B, T, V) logits would.
+    """
+    return last[:, None, :], torch.ones(last.shape[0], 1, dtype=torch.long, device=last.device)  # (B, 1, V), (B, 1)
 
 
 class ParaphraseTask:
@@ -380,8 +396,8 @@ class ParaphraseTask:
         if "labels" not in batch:
             raise ValueError("this batch has no labels (test pairs?): the loss needs labelled pairs")
         last = last_token_logits(model, batch["input_ids"], batch["attention_mask"])  # (B, V)
-        # = cloze_loss(full logits, mask, labels), reading only the last position
-        return F.cross_entropy(last[:, list(ANSWER_IDS)].float(), batch["labels"])
+        # the same number as cloze_loss on the full (B, T, V) logits, without the head over every position
+        return cloze_loss(*last_position_only(last), batch["labels"])
 
     def predict(self, model, pairs=None, padding_side: str = "right") -> list[int]:
         """0/1 predictions (1 = duplicate) for `pairs` (default: the dev pairs)."""
@@ -394,7 +410,7 @@ class ParaphraseTask:
                 chunk = pairs[i : i + self.eval_batch_size]
                 batch = to_device(self.collate(chunk, padding_side=padding_side), device)
                 last = last_token_logits(model, batch["input_ids"], batch["attention_mask"])  # (B, V)
-                preds += last[:, list(ANSWER_IDS)].argmax(dim=-1).tolist()  # = cloze_predict on full logits
+                preds += cloze_predict(*last_position_only(last)).tolist()
         return preds
 
     def evaluate(self, model) -> dict:
