@@ -249,6 +249,29 @@ def _stub(*args, **kwargs):
     raise NotImplementedError()
 
 
+def _greedy_cached(model, ids, n):
+    from gpt2lab.model import KVCache
+
+    cache = KVCache.for_model(model, batch_size=ids.shape[0], max_length=ids.shape[1] + n)
+    logits = model(ids, cache=cache)
+    for _ in range(n):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, token], 1)
+        logits = model(token, cache=cache)
+    return ids
+
+
+def _greedy_cache_then_full_prefix(model, ids, n):  # fills a cache with the prompt, then reruns the whole prefix
+    from gpt2lab.model import KVCache
+
+    cache = KVCache.for_model(model, batch_size=ids.shape[0], max_length=ids.shape[1] + n)
+    logits = model(ids, cache=cache)
+    for _ in range(n):
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        logits = model(ids)
+    return ids
+
+
 def _greedy_no_cache(model, ids, n):
     for _ in range(n):
         ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
@@ -281,7 +304,7 @@ CASES = {
     "logits_from_hidden": (lambda m, h: m.head(h), lambda m, h: h @ m.transformer.wpe.weight.T),
     "top_k_filter": (G.top_k_filter, lambda lg, k: G.top_k_filter(lg, k + 1) if k < lg.shape[-1] else lg),
     "top_p_filter": (G.top_p_filter, _top_p_exclusive),
-    "greedy": (_greedy_no_cache, _greedy_off_by_one),
+    "greedy": (_greedy_cached, _greedy_off_by_one),
 }
 
 
@@ -295,6 +318,14 @@ def test_check_passes_on_reference_fails_on_stub_and_bug(name):
     assert not stub and "not implemented yet" in str(stub)
     bad = fn(bug)
     assert not bad and str(bad).startswith("✗"), str(bad)
+
+
+def test_greedy_check_demands_the_cache():
+    """Right tokens without the cache (rerunning the whole prefix every step) must not pass the exercise."""
+    no_cache = str(check.greedy(_greedy_no_cache))
+    assert no_cache.startswith("✗") and "cache=cache" in no_cache, no_cache
+    full_prefix = str(check.greedy(_greedy_cache_then_full_prefix))
+    assert full_prefix.startswith("✗") and "cache" in full_prefix, full_prefix
 
 
 def test_top_p_check_catches_dropped_top_token():
@@ -318,6 +349,16 @@ def test_transformers_checks(models):
     with torch.no_grad():
         broken.transformer.h[1].ln_2.bias.add_(0.01)  # a planted bug in one weight
     assert not check.gpt2_matches_transformers(broken, ref, ids)
+
+
+def test_beam_check(small_vocab, monkeypatch):
+    ref, ours = small_vocab
+    ids = _prompts(B=1, T=5, V=6, seed=5) % 5
+    assert check.beam_matches_transformers(ours, ref, ids, num_beams=3, max_new_tokens=12)
+    real_beam_search = G.beam_search
+    monkeypatch.setattr(G, "beam_search", lambda *a, **kw: real_beam_search(*a, **{**kw, "length_penalty": 0.0}))
+    bad = check.beam_matches_transformers(ours, ref, ids, num_beams=3, max_new_tokens=12)  # planted: no length norm
+    assert not bad and "beam-search tokens" in str(bad), str(bad)
 
 
 def test_cache_and_greedy_checks_catch_bugs(models, monkeypatch):

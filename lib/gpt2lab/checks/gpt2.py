@@ -105,15 +105,43 @@ def greedy_matches_transformers(ours: GPT2, reference, input_ids, max_new_tokens
     return f"greedy generation identical to transformers for {max_new_tokens} tokens"
 
 
+@check("beam_matches_transformers")
+def beam_matches_transformers(ours: GPT2, reference, input_ids, num_beams: int = 4, max_new_tokens: int = 20):
+    """Beam search of our model vs transformers' generate(num_beams=...): the same best beam, token for token."""
+    eos = reference.generation_config.eos_token_id
+    got = gen.generate(ours, input_ids, max_new_tokens, num_beams=num_beams, eos_token_id=eos)
+    expected = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                                  num_beams=num_beams, do_sample=False, eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+    compare("beam-search tokens", got, expected)
+    return f"beam search ({num_beams} beams) picks the same tokens as transformers for {max_new_tokens} tokens"
+
+
 @check("greedy")
 def greedy(fn):
     """fn(model, input_ids, max_new_tokens) -> prompt + greedy tokens, using the KV cache."""
     model, ids = _tiny_model(), _ids(B=2, T=4, seed=4)
-    with torch.no_grad():
-        got = fn(model, ids, 10)
+    calls = []  # (input shape, cache given?) of every model(...) call the student makes
+
+    def record(module, args, kwargs):
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        calls.append((tuple(input_ids.shape) if input_ids is not None else None, kwargs.get("cache") is not None))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            got = fn(model, ids, 10)
+    finally:
+        hook.remove()
     expect(got is not None, "greedy returned None: did you forget to `return`?")
     compare("greedy tokens", got, gen.generate(model, ids, 10))
-    return "greedy decoding with the KV cache gives the same 10 tokens as the reference"
+    # right tokens are not enough: the exercise is to use the cache, i.e. feed each new token alone
+    expect(len(calls) > 0, "greedy never called the model")
+    for i, (shape, cached) in enumerate(calls, start=1):
+        expect(cached, f"model call {i} has no cache: pass `cache=cache` so the keys and values are stored and reused")
+        if i > 1:
+            expect(shape == (2, 1), f"model call {i} got input of shape {shape}: after the prompt, feed only the new "
+                                    f"token, shape (B, 1) = (2, 1); the cache already holds the rest")  # fmt: skip
+    return "greedy decoding with the KV cache (one new token per step) gives the same 10 tokens as the reference"
 
 
 @check("cache_matches")
