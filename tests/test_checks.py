@@ -98,3 +98,15 @@ def test_tokens_per_line_check(tokenizer):
     assert "line[0]: expected 11, got 8" in str(welcome_checks.tokens_per_line(words, tokenizer))
     assert "got 4 counts for 5 lines" in str(welcome_checks.tokens_per_line(skips_empty, tokenizer))
     assert "line[3]" in str(welcome_checks.tokens_per_line(strips, tokenizer))
+
+
+def test_crash_line_points_at_the_students_line():
+    def student(x):
+        return x.no_such_attribute
+
+    @check("crash")
+    def run():
+        return student(1)
+
+    message = str(run())
+    assert "AttributeError" in message and "(line" in message and "return x.no_such_attribute" in message

@@ -11,6 +11,7 @@ import functools
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,11 @@ def expect(condition: bool, message: str) -> None:
         raise _Mismatch(message)
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # lib/gpt2lab: frames here are ours, not the student's
+
+
 def _last_user_frame(err: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if "gpt2lab" not in f.filename]
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_PACKAGE_DIR)]
     if not frames:
         return ""
     f = frames[-1]
