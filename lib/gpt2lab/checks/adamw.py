@@ -7,14 +7,12 @@ correction, L2 decay added to the gradient, decay after the update, ε inside th
 from __future__ import annotations
 
 import contextlib
-import inspect
-from pathlib import Path
 
 import torch
 
 from ..optim.adamw import AdamW
 from ..optim.adamw import adamw_update as reference_update
-from .core import check, compare, expect
+from .core import check, compare, earlier_stubs, expect
 
 GOLDEN = dict(  # a hand-computed three-step example (float32); the spec's test T1.2 (ALGORITHMS.md §1)
     theta0=[1.0, -2.0, 3.0],
@@ -22,41 +20,6 @@ GOLDEN = dict(  # a hand-computed three-step example (float32); the spec's test 
     hyper=dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1),
     theta3=[0.98940921, -1.99467039, 2.97896743],
 )
-
-
-_LIB = str(Path(__file__).resolve().parents[1])  # lib/gpt2lab: frames in here are ours, not the student's
-
-
-def _own_code(answer) -> set:
-    """The code objects of the answer itself: the function, or every method the class defines."""
-    members = vars(answer).values() if inspect.isclass(answer) else [answer]
-    codes = set()
-    for member in members:
-        member = getattr(member, "__func__", member)  # staticmethod / classmethod
-        code = getattr(inspect.unwrap(member), "__code__", None) if callable(member) else None
-        if code is not None:
-            codes.add(code)
-    return codes
-
-
-@contextlib.contextmanager
-def _earlier_stubs(answer):
-    """Around a check whose answer calls earlier exercises (adamw_step calls update_moments...; MyAdamW calls
-    adamw_step): a NotImplementedError raised in one of those becomes a ✗ naming it, instead of claiming that
-    this exercise is not implemented. The answer's own stub still reads "not implemented yet" as usual."""
-    try:
-        yield
-    except NotImplementedError as err:
-        tb, raiser = err.__traceback__, None
-        while tb is not None:  # the innermost frame of the student's code (not ours, not a library's)
-            name = tb.tb_frame.f_code.co_filename
-            if not name.startswith(_LIB) and "-packages" not in name:
-                raiser = tb.tb_frame.f_code
-            tb = tb.tb_next
-        if raiser is not None and raiser not in _own_code(answer) and not raiser.co_name.startswith("<"):
-            expect(False, f"not implemented yet: {raiser.co_name} (an earlier exercise, which this one calls: "
-                          "finish it first)")
-        raise
 
 
 def _rand(*shape, seed: int, positive: bool = False) -> torch.Tensor:
@@ -165,7 +128,7 @@ BUG_HINTS = {
 @check("adamw_update")
 def adamw_update(fn):
     """fn(theta, g, m, v, t, lr, beta1, beta2, eps, weight_decay) -> (theta, m, v) after step t (t from 1)."""
-    with _earlier_stubs(fn):
+    with earlier_stubs(fn):
         return _adamw_update(fn)
 
 
@@ -232,7 +195,7 @@ def _train_loop(model, optimizer, steps, g) -> torch.Tensor:
 @check("adamw_optimizer")
 def adamw_optimizer(cls):
     """cls(params, lr, betas, eps, weight_decay) is a torch.optim.Optimizer; 100 steps vs the library AdamW."""
-    with _earlier_stubs(cls):
+    with earlier_stubs(cls):
         return _adamw_optimizer(cls)
 
 

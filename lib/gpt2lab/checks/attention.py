@@ -6,14 +6,12 @@ Usage in the notebook: `from gpt2lab.checks import attention as check`, then e.g
 from __future__ import annotations
 
 import math
-import traceback
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .. import attention as ref
-from .core import check, compare, expect
+from .core import check, compare, earlier_stubs, expect
 
 
 def _qkv(B=2, nh=3, Tq=5, Tk=5, hs=8, seed=0):
@@ -120,22 +118,6 @@ def merge_heads(fn):
     return "(B, nh, T, hs) -> (B, T, C), and merge_heads undoes split_heads"
 
 
-_LIB = str(Path(__file__).resolve().parents[1])  # lib/gpt2lab: frames in here are ours, not the student's
-
-
-def _call_naming_stub(fn, *args):
-    """fn(*args), but a NotImplementedError raised in an *earlier* exercise's function (one that fn calls)
-    becomes a ✗ naming that function, so the student knows which stub to finish first."""
-    try:
-        return fn(*args)
-    except NotImplementedError as err:
-        frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_LIB)]
-        raiser = frames[-1].name if frames else None
-        if raiser and raiser != getattr(fn, "__name__", None) and not raiser.startswith("<"):
-            expect(False, f"not implemented yet: {raiser} (an earlier exercise, which this one calls: finish it first)")
-        raise
-
-
 @check("self_attention")
 def self_attention(fn):
     """fn(module, x, mask) -> (B, T, C): the CausalSelfAttention forward, written with the module's weights."""
@@ -143,7 +125,9 @@ def self_attention(fn):
     module = ref.CausalSelfAttention(n_embd=24, n_head=3).eval()
     x = torch.randn(2, 7, 24)
     with torch.no_grad():
-        compare("self-attention output (causal)", _call_naming_stub(fn, module, x, None), module(x), atol=1e-5)
+        with earlier_stubs(fn):
+            got = fn(module, x, None)
+        compare("self-attention output (causal)", got, module(x), atol=1e-5)
         attention_mask = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])
         mask = ref.combined_mask(attention_mask, 7)
         got = fn(module, x, mask)

@@ -7,7 +7,9 @@ differs, expected vs got, and the max abs difference; a stub that still raises N
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +81,38 @@ def expect(condition: bool, message: str) -> None:
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # lib/gpt2lab: frames here are ours, not the student's
+
+
+def _own_code(answer) -> set:
+    """The code objects of the answer itself: the function, or every method the class defines."""
+    members = vars(answer).values() if inspect.isclass(answer) else [answer]
+    codes = set()
+    for member in members:
+        member = getattr(member, "__func__", member)  # staticmethod / classmethod
+        code = getattr(inspect.unwrap(member), "__code__", None) if callable(member) else None
+        if code is not None:
+            codes.add(code)
+    return codes
+
+
+@contextlib.contextmanager
+def earlier_stubs(answer):
+    """Around a check whose answer calls earlier exercises (e.g. self_attention calls split_heads; MyAdamW calls
+    adamw_step): a NotImplementedError raised in one of those becomes a ✗ naming it, instead of claiming that this
+    exercise is not implemented. The answer's own stub still reads "not implemented yet" as usual."""
+    try:
+        yield
+    except NotImplementedError as err:
+        tb, raiser = err.__traceback__, None
+        while tb is not None:  # the innermost frame of the student's code (not ours, not a library's)
+            name = tb.tb_frame.f_code.co_filename
+            if not name.startswith(_PACKAGE_DIR) and "-packages" not in name:
+                raiser = tb.tb_frame.f_code
+            tb = tb.tb_next
+        if raiser is not None and raiser not in _own_code(answer) and not raiser.co_name.startswith("<"):
+            expect(False, f"not implemented yet: {raiser.co_name} (an earlier exercise, which this one calls: "
+                          "finish it first)")
+        raise
 
 
 def _last_user_frame(err: BaseException) -> str:
