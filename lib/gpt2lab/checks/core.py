@@ -175,3 +175,16 @@ def compare(what: str, got, expected, atol: float = 1e-5, rtol: float = 0.0) -> 
             f"(max |diff| {_fmt(diff.max().item())}, atol {atol:g})"
         )
     return f"{what} matches the reference ({exp_t.numel()} values within {atol:g})"
+
+
+@contextlib.contextmanager
+def untouched(hint: str = "", **tensors):
+    """Around a call of the student's function, given the real input tensors (not clones): ✗ "you modified NAME in
+    place" when one of them changed, so a write into the caller's batch or state cannot pass unseen. `hint` says
+    what to do instead, e.g. "use masked_fill (not masked_fill_) or work on a clone". Used by the checks of
+    notebooks 01, 03 and 04."""
+    before = {name: t.detach().clone() for name, t in tensors.items()}
+    yield
+    for name, t in tensors.items():
+        same = t.shape == before[name].shape and bool((t.detach() == before[name]).all())
+        expect(same, f"you modified {name} in place{': ' + hint if hint else ''}")
