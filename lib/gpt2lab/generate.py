@@ -7,9 +7,17 @@ token from the last position's logits, and stops at `eos_token_id` or after `max
 Batched prompts must be *left*-padded (`tokenizer.encode_batch(texts, padding_side="left")`), so that every row's
 next token is appended right after its last real token. Finished rows are filled with `eos_token_id`.
 Call `model.eval()` first: generate does not change the model's mode (dropout would make greedy decoding random).
+
+Any module with GPT2's forward signature works, `model(input_ids, attention_mask, cache=...) -> logits (B, T, V)`:
+a `GPT2`, a module that holds one and forwards to it (an adapter wrapper), or `torch.compile(model)`. The KV cache
+is laid out for the GPT2 that `find_gpt2` finds inside (its config gives the layers, heads and `n_positions`).
+When there is none (or several), generation runs WITHOUT a cache: every step re-runs the whole prefix, which gives
+the same tokens, only slower.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +32,15 @@ NEG_INF = float("-inf")
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """logits / temperature: < 1 sharpens the distribution, > 1 flattens it. Notebook 02, §7."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature} (use do_sample=False for greedy)")
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0 for sampling, got {temperature!r} "
+                         "(use do_sample=False for greedy)")
     return logits / temperature
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row (ties with the k-th are kept), set the rest to -inf. Notebook 02, §7."""
-    if not isinstance(k, int) or k < 1:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
     k = min(k, logits.shape[-1])
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
@@ -41,8 +50,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of most likely tokens whose probabilities sum to >= p; the most
     likely token is always kept. Notebook 02, §7."""
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    if not _is_number(p) or not 0.0 < p <= 1.0:  # a NaN fails the comparison too
+        raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
     if p == 1.0:
         return logits  # everything (float rounding of the cumulative sum must not drop the tail)
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
@@ -66,10 +75,39 @@ def next_token_distribution(logits, temperature: float = 1.0, top_k: int | None 
 # ----------------------------------------------------------------------------------------------------------- checks
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def find_gpt2(model) -> GPT2 | None:
+    """The GPT2 that `model` runs, or None: used for the KV cache layout, `n_positions` and the token embedding.
+
+    Built for the method notebooks (05 lora, 06 smart), which hand wrapped models to `generate` and the tasks.
+    Looked for in this order: the model itself; torch.compile's `_orig_mod` and a DataParallel-style `.module`
+    (followed as far as they go); else the only GPT2 among the model's submodules. Several GPT2 submodules (say a
+    model and its EMA teacher) are ambiguous: None, and the callers fall back to what needs no GPT2.
+    """
+    seen = set()
+    while not isinstance(model, GPT2) and id(model) not in seen:
+        seen.add(id(model))
+        inner = [getattr(model, name, None) for name in ("_orig_mod", "module")]
+        inner = [m for m in inner if isinstance(m, torch.nn.Module)]
+        if not inner:
+            break
+        model = inner[0]
+    if isinstance(model, GPT2):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        return None
+    found = [m for m in model.modules() if isinstance(m, GPT2)]
+    return found[0] if len(found) == 1 else None
+
+
 def _validate(model, input_ids, max_new_tokens, attention_mask, temperature, top_k, top_p, num_beams, do_sample,
               num_return_sequences, best_of):  # fmt: skip
-    if not isinstance(model, GPT2):
-        raise TypeError(f"generate expects a gpt2lab.model.GPT2, got {type(model).__name__}")
+    if not callable(model):
+        raise TypeError(f"generate expects a model called as model(input_ids, attention_mask) -> logits "
+                        f"(B, T, vocab), such as a gpt2lab.model.GPT2; got {type(model).__name__}")
     if input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(
             f"input_ids should be a (batch, seq) LongTensor, got {input_ids.dtype} {tuple(input_ids.shape)}"
@@ -78,17 +116,20 @@ def _validate(model, input_ids, max_new_tokens, attention_mask, temperature, top
         raise ValueError("the prompt is empty: give at least one token (e.g. the eos token 50256 as a start)")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    base = find_gpt2(model)
+    n_positions = getattr(getattr(base or model, "config", None), "n_positions", None)
     total = input_ids.shape[1] + max_new_tokens
-    if total > model.config.n_positions:
-        raise ValueError(
-            f"prompt + max_new_tokens = {total} exceeds the model's n_positions={model.config.n_positions}"
-        )
-    if temperature < 0 or (do_sample and temperature == 0):
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (do_sample=False is greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if n_positions is not None and total > n_positions:
+        raise ValueError(f"prompt + max_new_tokens = {total} exceeds the model's n_positions={n_positions}")
+    # temperature only matters when sampling, but a NaN or inf there is a mistake either way
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r} (> 0 when sampling)")
+    if do_sample and temperature == 0:
+        raise ValueError("temperature must be > 0 when sampling, got 0 (do_sample=False is greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
+    if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):  # a NaN fails the comparison
+        raise ValueError(f"top_p must be a number in (0, 1] (or None), got {top_p!r}")
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     if num_beams > 1 and do_sample:
@@ -120,7 +161,7 @@ def _validate(model, input_ids, max_new_tokens, attention_mask, temperature, top
 
 @torch.no_grad()
 def generate(
-    model: GPT2,
+    model: torch.nn.Module,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -176,21 +217,43 @@ def generate(
 
 
 class _Stepper:
-    """Feeds the model one step at a time, with or without the KV cache; keeps the attention mask in step."""
+    """Feeds the model one step at a time, with or without the KV cache; keeps the attention mask in step.
 
-    def __init__(self, model: GPT2, input_ids, attention_mask, max_new_tokens: int, use_cache: bool):
+    The cache is laid out for the GPT2 found inside the model (`find_gpt2`); without one, no cache: each step re-runs
+    the whole prefix. A model that is not known to be GPT-2-like has its first call checked, so a module of the
+    wrong kind fails with one line instead of deep inside the loop.
+    """
+
+    def __init__(self, model, input_ids, attention_mask, max_new_tokens: int, use_cache: bool):
         B, T = input_ids.shape
         self.model = model
         self.mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)  # (B, T)
         self.padded = attention_mask is not None and not bool(attention_mask.all())
-        self.cache = KVCache.for_model(model, B, T + max_new_tokens) if use_cache else None
+        base = find_gpt2(model)
+        self.cache = KVCache.for_model(base, B, T + max_new_tokens) if use_cache and base is not None else None
+        self.unchecked = base is None
 
     def logits(self, seqs: torch.Tensor, new: int) -> torch.Tensor:
         """Last-position logits (B, V) for `seqs` (B, T_total), of which the last `new` tokens are not yet seen."""
         mask = self.mask if self.padded else None
         if self.cache is None:
-            return self.model(seqs, mask)[:, -1].float()
-        return self.model(seqs[:, -new:], mask, cache=self.cache)[:, -1].float()
+            return self._call(seqs, mask)[:, -1].float()
+        return self._call(seqs[:, -new:], mask, cache=self.cache)[:, -1].float()
+
+    def _call(self, ids: torch.Tensor, mask, **kwargs) -> torch.Tensor:
+        if not self.unchecked:
+            return self.model(ids, mask, **kwargs)
+        what = f"{type(self.model).__name__} (generate calls model(input_ids, attention_mask) -> logits (B, T, vocab))"
+        try:
+            out = self.model(ids, mask, **kwargs)
+        except Exception as err:  # noqa: BLE001 - re-raised with what generate expected, the cause chained
+            first = str(err).strip().split("\n")[0]
+            raise TypeError(f"cannot generate with {what}: the call failed with {type(err).__name__}: {first}") from err
+        if not torch.is_tensor(out) or out.dim() != 3 or tuple(out.shape[:2]) != tuple(ids.shape):
+            got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise TypeError(f"cannot generate with {what}: expected logits {(*ids.shape, 'vocab')}, got {got}")
+        self.unchecked = False
+        return out
 
     def append(self, n_rows: int) -> None:
         self.mask = torch.cat([self.mask, self.mask.new_ones(n_rows, 1)], dim=1)  # the new token is real
@@ -237,7 +300,7 @@ def _sample_loop(model, input_ids, max_new_tokens, attention_mask, temperature, 
 # ----------------------------------------------------------------------------------------------------------- best-of-n
 
 
-def score_sequences(model: GPT2, sequences: torch.Tensor, prompt_length: int, *, attention_mask=None,
+def score_sequences(model, sequences: torch.Tensor, prompt_length: int, *, attention_mask=None,
                     eos_token_id: int | None = None) -> torch.Tensor:  # fmt: skip
     """Mean log-probability per new token of each row of `sequences` (B, T): the tokens after `prompt_length`, up to
     and including the first eos. Notebook 02, §8. `attention_mask` covers the prompt part (left padding)."""
@@ -258,7 +321,7 @@ def score_sequences(model: GPT2, sequences: torch.Tensor, prompt_length: int, *,
 
 
 @torch.no_grad()
-def best_of_n(model: GPT2, input_ids, n: int, max_new_tokens: int, *, attention_mask=None, temperature=1.0,
+def best_of_n(model, input_ids, n: int, max_new_tokens: int, *, attention_mask=None, temperature=1.0,
               top_k=None, top_p=None, eos_token_id=None, num_return_sequences: int = 1, use_cache: bool = True,
               generator=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Sample n continuations of each prompt; keep the num_return_sequences with the highest mean log-probability
@@ -281,7 +344,7 @@ def best_of_n(model: GPT2, input_ids, n: int, max_new_tokens: int, *, attention_
 
 
 @torch.no_grad()
-def beam_search(model: GPT2, input_ids, max_new_tokens: int, num_beams: int, *, attention_mask=None,
+def beam_search(model, input_ids, max_new_tokens: int, num_beams: int, *, attention_mask=None,
                 eos_token_id=None, num_return_sequences: int = 1, use_cache: bool = True,
                 length_penalty: float = 1.0) -> torch.Tensor:  # fmt: skip
     """Beam search: keep the num_beams best partial sequences by summed log-probability. Notebook 02, §8.

@@ -1,6 +1,7 @@
 """The two fine-tuning tasks, each as data -> batches -> loss -> evaluation, for the one training loop.
 
-Built in notebook 04 (finetune). A task is anything with:
+Built in notebook 04 (finetune); the embedding interface and `Objective` serve the method notebooks (06 smart).
+A task is anything with:
 
     name, metric, higher_is_better    what to call it, which dev number early stopping watches
     train_set                         a list of examples (the loop shuffles their indices)
@@ -9,7 +10,38 @@ Built in notebook 04 (finetune). A task is anything with:
     evaluate(model) -> dict           dev metrics (floats)
     describe() -> dict                what to store in the run record
 
-Both tasks call the model as `model(input_ids, attention_mask=mask) -> logits (B, T, V)`.
+Both tasks here (subclasses of `Task`) also compute their loss from given input embeddings, so a regulariser can
+perturb the embeddings without knowing the task (SMART, Jiang et al. 2020, "SMART: Robust and Efficient
+Fine-Tuning ...", arXiv 1911.03437):
+
+    embeddings(model, batch) -> (B, T, C)   the model's token embeddings of batch["input_ids"], looked up through
+                                            its `transformer.wte` module (so hooks and adapters on it apply);
+                                            no position embeddings: the model adds those to inputs_embeds
+    outputs(model, batch, inputs_embeds=None) -> TaskOutputs(logits, mask, loss), from ONE forward:
+        logits  the task's output logits; softmax over the last dim gives the output distributions to compare
+                  ParaphraseTask: (B, 2) ("no", "yes") logits at the last real token
+                  SonnetTask:     (B, T, V) next-token logits at every position
+        mask    bool, logits.shape[:-1]: which of those distributions count
+                  ParaphraseTask: (B,) all True;  SonnetTask: (B, T) the positions whose next token is a real
+                  target (the same ones lm_loss averages over)
+        loss    the task loss from this same forward (None for a batch without labels)
+      `TaskOutputs.log_probs()` -> (N, K) float32 log-probabilities of the N counted distributions: SMART's
+      symmetric KL compares these rows between a clean and a perturbed forward (per answer for paraphrase, per
+      token for the LM) and averages over N.
+    loss(model, batch, inputs_embeds=None)  = outputs(...).loss; with inputs_embeds = embeddings(model, batch) it is
+                                            the very same number as the plain loss
+
+`Objective(task, extra)` is itself a task whose loss is task.loss + extra(model, batch, outputs): an added term
+(a regulariser) the training loop never hears of. `extra` receives the clean TaskOutputs of the same forward.
+
+Models: every call goes through the model's public forward, `model(input_ids, attention_mask, inputs_embeds=...)
+-> logits (B, T, V)`, so a module that wraps a GPT2 and forwards to it, or torch.compile(model), works too. The
+token embedding of a wrapped model is that of the GPT2 `gpt2lab.generate.find_gpt2` finds inside (or the
+model's own `get_input_embeddings()`, when it has one).
+
+Long evaluations (`ParaphraseTask.predict` / `evaluate`, `SonnetTask.generate` / `evaluate`) show a `tqdm.auto`
+progress bar that disappears when done (leave=False). `progress=` on the call, else the task's own `progress`
+(constructor), decides; None (the default) means on, except in quick mode (GPT2LAB_QUICK), where it is silent.
 
 SonnetTask (§2, §4): causal language modelling on the training sonnets. Batches are right-padded; padding is
 masked out of the loss (`gpt2lab.model.lm_loss`, notebook 02). Evaluation continues the first 3 lines of every
@@ -29,13 +61,16 @@ import csv
 import io
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import metrics
+from .environment import quick_mode
+from .generate import find_gpt2
 from .model import lm_loss
 
 IGNORE_INDEX = -100  # the target value F.cross_entropy skips (what gpt2lab.model.lm_loss puts on padding)
@@ -43,10 +78,55 @@ IGNORE_INDEX = -100  # the target value F.cross_entropy skips (what gpt2lab.mode
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Call the model and return its logits (B, T, V). (Objects with a `.logits` field are unwrapped too.)"""
-    out = model(input_ids, attention_mask=attention_mask)
+def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Call the model and return its logits (B, T, V). (Objects with a `.logits` field are unwrapped too.)
+
+    With `inputs_embeds` (B, T, C) the model runs on those instead of looking up input_ids (which it then gets as
+    None). The keyword is passed only when given, so models without it still work for the plain loss.
+    """
+    if inputs_embeds is None:
+        out = model(input_ids, attention_mask=attention_mask)
+    else:
+        out = model(None, attention_mask=attention_mask, inputs_embeds=inputs_embeds)
     return out.logits if hasattr(out, "logits") else out
+
+
+def token_embeddings(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's own token embeddings of input_ids (B, T) -> (B, T, C), through its embedding MODULE.
+
+    Used by `Task.embeddings` (notebook 06, smart). The module is the model's `get_input_embeddings()` when it has
+    one, else the `transformer.wte` of the GPT2 inside it (`find_gpt2`: the model itself, a wrapper's GPT2,
+    torch.compile's `_orig_mod`). Calling the module (not indexing its weight) keeps hooks and adapters on it.
+    """
+    if hasattr(model, "get_input_embeddings"):
+        wte = model.get_input_embeddings()
+    else:
+        base = find_gpt2(model)
+        if base is None:
+            raise TypeError(f"cannot find the token embedding of {type(model).__name__}: it holds no (or several) "
+                            "gpt2lab GPT2; give it a get_input_embeddings() method returning the embedding module")
+        wte = base.transformer.wte
+    return wte(input_ids)  # (B, T, C)
+
+
+def check_embeds(input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None) -> None:
+    """One line when given input embeddings do not belong to the batch: they must be (B, T, C) for (B, T) ids."""
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[:2] != input_ids.shape):
+        raise ValueError(f"inputs_embeds {tuple(inputs_embeds.shape)} must be (B, T, C) for input_ids "
+                         f"{tuple(input_ids.shape)}: one embedding per token of the batch")
+
+
+def progress_bar(total: int, desc: str, unit: str, progress: bool | None):
+    """A tqdm.auto bar for a long evaluation, gone when done (leave=False) so notebook outputs do not change.
+
+    `progress` None: on, except in quick mode (GPT2LAB_QUICK), where evaluations take seconds. Use it as a context
+    manager and call `bar.update(n)`.
+    """
+    from tqdm.auto import tqdm
+
+    show = not quick_mode() if progress is None else bool(progress)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not show, dynamic_ncols=True)
 
 
 def model_device(model) -> torch.device:
@@ -103,17 +183,129 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------- the task interface
+
+
+@dataclass
+class TaskOutputs:
+    """What one forward of a task gives: output logits, which of them count, and the task loss.
+
+    Built for notebook 06 (smart); see the module docstring for the shapes of each task. `mask` has the shape of
+    `logits` without its last dim; `loss` is None for a batch without labels.
+    """
+
+    logits: torch.Tensor
+    mask: torch.Tensor
+    loss: torch.Tensor | None = None
+
+    def log_probs(self) -> torch.Tensor:
+        """(N, K) float32 log-softmax of the N counted distributions: the rows a divergence compares."""
+        return F.log_softmax(self.logits[self.mask].float(), dim=-1)  # (N, K)
+
+
+class Task:
+    """What both tasks share: the token embeddings and the loss from given input embeddings.
+
+    Built for notebook 06 (smart). A subclass writes `outputs(model, batch, inputs_embeds=None) -> TaskOutputs`;
+    `loss` is that forward's loss, so the plain loss and the loss from `embeddings(model, batch)` are one code path.
+    """
+
+    name: str
+    metric: str
+    higher_is_better: bool
+
+    def embeddings(self, model, batch: dict) -> torch.Tensor:
+        """The model's token embeddings of the batch (B, T, C): what SMART perturbs, then passes as inputs_embeds."""
+        return token_embeddings(model, batch["input_ids"])  # (B, T, C)
+
+    def outputs(self, model, batch: dict, inputs_embeds: torch.Tensor | None = None) -> TaskOutputs:
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The task loss on one batch, from the token ids or, when given, from `inputs_embeds` (B, T, C)."""
+        out = self.outputs(model, batch, inputs_embeds)
+        if out.loss is None:
+            raise ValueError(f"the {self.name} batch gives no loss (no labels?)")
+        return out.loss
+
+
+class Objective:
+    """A task whose loss has an extra term: loss = task.loss + extra(model, batch, outputs).
+
+    Built for the method notebooks (06 smart: the adversarial and the Bregman terms). The training loop sees a task
+    like any other: name, metric, train_set, collate, evaluate (the task's own metrics, no extra term) and every
+    other attribute come from `task`; `describe()` adds the term to the run record under "extra_losses" (its
+    `describe()` dict when it has one, else its name). `extra(model, batch, outputs)` returns a scalar tensor and
+    receives the clean `TaskOutputs` of the same forward (with their graph), so it needs no second clean forward.
+    Objectives nest: Objective(Objective(task, a), b) adds both terms.
+    """
+
+    def __init__(self, task, extra: Callable, name: str | None = None):
+        if not callable(extra):
+            raise TypeError(f"extra must be a function (model, batch, outputs) -> scalar, got {type(extra).__name__}")
+        self.task, self.extra = task, extra
+        self.extra_name = name or getattr(extra, "name", None) or getattr(extra, "__name__", type(extra).__name__)
+
+    name = property(lambda self: self.task.name)
+    metric = property(lambda self: self.task.metric)
+    higher_is_better = property(lambda self: self.task.higher_is_better)
+    train_set = property(lambda self: self.task.train_set)
+
+    def collate(self, examples, *args, **kwargs) -> dict:
+        return self.task.collate(examples, *args, **kwargs)
+
+    def evaluate(self, model, *args, **kwargs) -> dict:
+        return self.task.evaluate(model, *args, **kwargs)
+
+    def embeddings(self, model, batch: dict) -> torch.Tensor:
+        return self.task.embeddings(model, batch)
+
+    def outputs(self, model, batch: dict, inputs_embeds: torch.Tensor | None = None) -> TaskOutputs:
+        """The task's outputs, with the extra term added to their loss."""
+        out = self.task.outputs(model, batch, inputs_embeds)
+        if out.loss is None:
+            return out
+        term = self.extra(model, batch, out)
+        if not torch.is_tensor(term) or term.dim() != 0:
+            shape = tuple(term.shape) if torch.is_tensor(term) else type(term).__name__
+            raise ValueError(f"extra loss {self.extra_name!r} must return a scalar tensor, got {shape}")
+        return replace(out, loss=out.loss + term)
+
+    def loss(self, model, batch: dict, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if hasattr(self.task, "outputs"):
+            return Task.loss(self, model, batch, inputs_embeds)
+        # a task with only loss(model, batch): the extra term gets no outputs
+        if inputs_embeds is not None:
+            raise TypeError(f"task {self.name!r} has no outputs(): its loss cannot take inputs_embeds")
+        return self.task.loss(model, batch) + self.extra(model, batch, None)
+
+    def describe(self) -> dict:
+        record = dict(self.task.describe())
+        term = dict(self.extra.describe()) if hasattr(self.extra, "describe") else {"name": self.extra_name}
+        record["extra_losses"] = [*record.get("extra_losses", []), term]
+        return record
+
+    def __getattr__(self, attr):  # everything else (predict, generate, dev_set, tokenizer, ...) is the task's
+        if attr == "task":  # not set yet (e.g. while unpickling): no recursion
+            raise AttributeError(attr)
+        return getattr(self.task, attr)
+
+    def __repr__(self) -> str:
+        return f"Objective({self.task!r} + {self.extra_name})"
+
+
 # ---------------------------------------------------------------------------------------------- sonnets
 
 SONNET_LINES = 14  # the generated sonnet is cut to this many lines
 
 
-class SonnetTask:
+class SonnetTask(Task):
     """Causal LM fine-tuning on the training sonnets; chrF of sonnets continued from their first 3 lines.
 
     Built in notebook 04 (finetune), §2 and §4. `generation` holds keyword arguments for
     `gpt2lab.generate.generate` (temperature, top_k, top_p, num_beams, do_sample); sampling draws from a generator
     seeded by `generate(seed=...)` (0 by default), so a model's dev sonnets and chrF are reproducible.
+    `progress` (None: on except in quick mode) shows a bar while the dev sonnets are generated.
     """
 
     name = "sonnet"
@@ -129,6 +321,7 @@ class SonnetTask:
         generation: dict | None = None,
         metric: str = "chrf",
         gen_batch_size: int = 16,
+        progress: bool | None = None,
     ):
         if not train_texts:
             raise ValueError("SonnetTask needs at least one training sonnet")
@@ -140,6 +333,7 @@ class SonnetTask:
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.gen_batch_size = gen_batch_size
+        self.progress = progress
         self.generation = dict(generation or {"do_sample": True, "temperature": 0.8, "top_p": 0.9})
         self.metric, self.higher_is_better = metric, metric == "chrf"
         self.train_set = [self.encode(t) for t in train_texts]
@@ -178,11 +372,19 @@ class SonnetTask:
             mask[row, : len(seq)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        """Mean next-token cross-entropy over the real tokens of a right-padded batch (padding is -100)."""
-        check_batch(batch["input_ids"], batch["attention_mask"])
-        logits = model_logits(model, batch["input_ids"], batch["attention_mask"])  # (B, T, V)
-        return lm_loss(logits, batch["input_ids"], batch["attention_mask"])
+    def outputs(self, model, batch: dict, inputs_embeds: torch.Tensor | None = None) -> TaskOutputs:
+        """Next-token logits (B, T, V), the (B, T) positions whose target is a real token, and the LM loss.
+
+        The loss is the mean next-token cross-entropy over the real tokens of a right-padded batch (padding is
+        -100, `lm_loss`). With `inputs_embeds` (B, T, C) the model runs on those instead of the token lookup.
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        check_batch(ids, mask)
+        check_embeds(ids, inputs_embeds)
+        logits = model_logits(model, ids, mask, inputs_embeds)  # (B, T, V)
+        real = mask.bool()
+        counted = F.pad(real[:, :-1] & real[:, 1:], (0, 1), value=False)  # (B, T): t and t + 1 both real
+        return TaskOutputs(logits, counted, lm_loss(logits, ids, mask))
 
     def dev_loss(self, model, batch_size: int = 8) -> float:
         """Token-weighted LM loss on the gold dev sonnets (teacher forcing): a smooth curve beside chrF."""
@@ -195,12 +397,14 @@ class SonnetTask:
                 count += n
         return total / max(count, 1)
 
-    def generate(self, model, prompts: Sequence[str] | None = None, seed: int | None = 0, **overrides) -> list[str]:
+    def generate(self, model, prompts: Sequence[str] | None = None, seed: int | None = 0,
+                 progress: bool | None = None, **overrides) -> list[str]:
         """Whole sonnets: each prompt (3 lines) + its continuation, cut at <|endoftext|> and at 14 lines.
 
         Built in notebook 04 (finetune), §4. `overrides` replace entries of `self.generation` for this call;
         `seed` seeds a generator of its own for the sampling (None: torch's global RNG). Prompts are generated in
-        batches of `gen_batch_size`, left-padded as `gpt2lab.generate` expects.
+        batches of `gen_batch_size`, left-padded as `gpt2lab.generate` expects. `progress`: a bar over the prompts
+        (None: the task's `progress`).
         """
         from .generate import generate
 
@@ -211,7 +415,8 @@ class SonnetTask:
         device, eos = model_device(model), self.tokenizer.eos_token_id
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         sonnets = []
-        with eval_mode(model):
+        show = self.progress if progress is None else progress
+        with eval_mode(model), progress_bar(len(prompts), f"{self.name} dev", "sonnet", show) as bar:
             for i in range(0, len(prompts), self.gen_batch_size):
                 chunk = prompts[i : i + self.gen_batch_size]
                 # the last max_length // 2 prompt tokens at most, so there is room to write
@@ -225,11 +430,12 @@ class SonnetTask:
                         row = row[: row.index(eos)]
                     text = prompt + self.tokenizer.decode(row)
                     sonnets.append("\n".join(text.rstrip().split("\n")[:SONNET_LINES]))
+                bar.update(len(chunk))
         return sonnets
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, progress: bool | None = None) -> dict:
         """chrF of the generated dev sonnets against the gold ones, and the dev LM loss."""
-        hypotheses = self.generate(model)
+        hypotheses = self.generate(model, progress=progress)
         return {"chrf": metrics.chrf(hypotheses, self.dev_gold), "dev_loss": self.dev_loss(model)}
 
     def describe(self) -> dict:
@@ -252,20 +458,26 @@ def cloze_prompt(sentence1: str, sentence2: str) -> str:
     return CLOZE_PROMPT.format(s1=sentence1, s2=sentence2)
 
 
-def last_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """The model's logits at the last real token of each row, (B, V).
 
     A GPT2 (anything with `hidden_states` and `head`) runs its blocks, then the head on those B positions only:
     the same numbers as slicing the full (B, T, V) logits, without the head over every position (most of a
-    small model's cost). Other models: full logits, then the slice.
+    small model's cost). Other models: full logits, then the slice. `inputs_embeds` (B, T, C) replaces the token
+    lookup (input_ids still give the shapes).
     """
     check_batch(input_ids, attention_mask)
+    check_embeds(input_ids, inputs_embeds)
     last = last_token_index(attention_mask)  # (B,)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     if hasattr(model, "hidden_states") and hasattr(model, "head"):
-        hidden = model.hidden_states(input_ids, attention_mask)  # (B, T, C)
+        if inputs_embeds is None:
+            hidden = model.hidden_states(input_ids, attention_mask)  # (B, T, C)
+        else:
+            hidden = model.hidden_states(None, attention_mask, inputs_embeds=inputs_embeds)  # (B, T, C)
         return model.head(hidden[rows, last])  # (B, V)
-    return model_logits(model, input_ids, attention_mask)[rows, last]  # (B, V)
+    return model_logits(model, input_ids, attention_mask, inputs_embeds)[rows, last]  # (B, V)
 
 
 def answer_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -304,21 +516,23 @@ def last_position_only(last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return last[:, None, :], torch.ones(last.shape[0], 1, dtype=torch.long, device=last.device)  # (B, 1, V), (B, 1)
 
 
-class ParaphraseTask:
+class ParaphraseTask(Task):
     """Quora duplicate-question detection as a yes/no cloze. Built in notebook 04 (finetune), §5.
 
     Prompts longer than `max_length` tokens: the longer question is cut token by token until the prompt fits,
     with one warning per batch saying how many were cut (the template and the answer position are never cut).
+    `progress` (None: on except in quick mode) shows a bar while the dev pairs are predicted.
     """
 
     name = "paraphrase"
     metric, higher_is_better = "accuracy", True
 
     def __init__(self, tokenizer, train_pairs, dev_pairs, test_pairs=(), max_length: int = 1024,
-                 eval_batch_size: int = 32):
+                 eval_batch_size: int = 32, progress: bool | None = None):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.eval_batch_size = eval_batch_size
+        self.progress = progress
         self.train_set, self.dev_set, self.test_set = list(train_pairs), list(dev_pairs), list(test_pairs)
         self._check_answer_tokens()
         self._overhead = len(tokenizer.encode(cloze_prompt("", "")))
@@ -392,30 +606,46 @@ class ParaphraseTask:
             batch["labels"] = torch.tensor(labels, dtype=torch.long)  # (B,)
         return batch
 
-    def loss(self, model, batch: dict) -> torch.Tensor:
+    def outputs(self, model, batch: dict, inputs_embeds: torch.Tensor | None = None) -> TaskOutputs:
+        """("no", "yes") logits (B, 2) at the last real token, all B counted, and the cloze loss (with labels).
+
+        With `inputs_embeds` (B, T, C) the model runs on those instead of the token lookup.
+        """
+        last = last_token_logits(model, batch["input_ids"], batch["attention_mask"], inputs_embeds)  # (B, V)
+        logits, mask = last_position_only(last)  # (B, 1, V), (B, 1)
+        # the same number as cloze_loss on the full (B, T, V) logits, without the head over every position
+        loss = cloze_loss(logits, mask, batch["labels"]) if "labels" in batch else None
+        answers = answer_logits(logits, mask)  # (B, 2)
+        return TaskOutputs(answers, torch.ones(answers.shape[0], dtype=torch.bool, device=answers.device), loss)
+
+    def loss(self, model, batch: dict, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy over the two answer logits (`cloze_loss`), from the token ids or from `inputs_embeds`."""
         if "labels" not in batch:
             raise ValueError("this batch has no labels (test pairs?): the loss needs labelled pairs")
-        last = last_token_logits(model, batch["input_ids"], batch["attention_mask"])  # (B, V)
-        # the same number as cloze_loss on the full (B, T, V) logits, without the head over every position
-        return cloze_loss(*last_position_only(last), batch["labels"])
+        return super().loss(model, batch, inputs_embeds)
 
-    def predict(self, model, pairs=None, padding_side: str = "right") -> list[int]:
-        """0/1 predictions (1 = duplicate) for `pairs` (default: the dev pairs)."""
+    def predict(self, model, pairs=None, padding_side: str = "right", progress: bool | None = None) -> list[int]:
+        """0/1 predictions (1 = duplicate) for `pairs` (default: the dev pairs).
+
+        `progress`: a bar over the pairs (None: the task's `progress`; the full dev set is 20,212 pairs).
+        """
         pairs = self.dev_set if pairs is None else list(pairs)
         if not pairs:
             raise ValueError("no pairs to predict")
         device, preds = model_device(model), []
-        with eval_mode(model):
+        show = self.progress if progress is None else progress
+        with eval_mode(model), progress_bar(len(pairs), f"{self.name} predict", "pair", show) as bar:
             for i in range(0, len(pairs), self.eval_batch_size):
                 chunk = pairs[i : i + self.eval_batch_size]
                 batch = to_device(self.collate(chunk, padding_side=padding_side), device)
                 last = last_token_logits(model, batch["input_ids"], batch["attention_mask"])  # (B, V)
                 preds += cloze_predict(*last_position_only(last)).tolist()
+                bar.update(len(chunk))
         return preds
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, progress: bool | None = None) -> dict:
         """Accuracy and F1 (positive = duplicate) on the dev pairs."""
-        pred, gold = self.predict(model), [p.label for p in self.dev_set]
+        pred, gold = self.predict(model, progress=progress), [p.label for p in self.dev_set]
         return {"accuracy": metrics.accuracy(pred, gold), "f1": metrics.f1(pred, gold)}
 
     def write_predictions(self, model, path: str | os.PathLike, pairs=None) -> Path:
