@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 
 lab: $(STAMP)
 	$(PY) -m ipykernel install --user --name gpt2lab --display-name "Python (gpt2lab)" >/dev/null
-	$(VENV)/bin/jupyter lab notebooks/00_welcome.ipynb $(ROOT_FLAG) $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" notebooks/00_welcome.ipynb $(ROOT_FLAG) $(LAB_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check lib tests solutions notebooks
