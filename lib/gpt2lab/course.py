@@ -3,6 +3,7 @@
     python -m gpt2lab.course build            solutions/*.ipynb -> notebooks/*.ipynb, keeping a student's answers
     python -m gpt2lab.course build --force    the same, also where answers cannot be placed (a backup is kept)
     python -m gpt2lab.course build --check    exit 1 naming every student notebook that is out of date
+    (build takes --solutions DIR --notebooks DIR to work on other folders, e.g. temporary copies)
     python -m gpt2lab.course execute [NB...]  run solutions in place (quick mode in `make solutions`)
 
 Used by `make student`, `make test` and `make solutions`. Solution regions are marked the nbgrader way; each
@@ -82,12 +83,13 @@ def strip_solutions(source: str, where: str, markdown: bool = False) -> str:
     """Replace every BEGIN/END SOLUTION region of one cell's source with a stub at the marker's indentation."""
     out: list[str] = []
     indent: str | None = None
+    opened = 0
     for lineno, line in enumerate(source.split("\n"), start=1):
         stripped = line.strip()
         if stripped == BEGIN:
             if indent is not None:
                 raise MarkerError(f"{where}, line {lineno}: nested {BEGIN} (close the first region with {END})")
-            indent = line[: len(line) - len(line.lstrip())]
+            indent, opened = line[: len(line) - len(line.lstrip())], lineno
             if markdown:
                 out.append(f"{indent}YOUR ANSWER HERE")
             else:
@@ -104,7 +106,7 @@ def strip_solutions(source: str, where: str, markdown: bool = False) -> str:
         elif indent is None:
             out.append(line)
     if indent is not None:
-        raise MarkerError(f"{where}: {BEGIN} without a matching {END}")
+        raise MarkerError(f"{where}, line {opened}: {BEGIN} without a matching {END}")
     return "\n".join(out)
 
 
@@ -271,7 +273,8 @@ def check(solutions: Path = SOLUTIONS, notebooks: Path = NOTEBOOKS) -> list[Repo
             reports.append(Report(name, "unreadable", str(err), ok=False))
             continue
         if problem:
-            reports.append(Report(name, "out of date", f"{problem}; run `make student` (it keeps your answers)", ok=False))
+            detail = f"{problem}; run `make student` (it keeps your answers)"
+            reports.append(Report(name, "out of date", detail, ok=False))
         else:
             reports.append(Report(name, "in step", f"holds your answers to {answers} exercises" if answers else ""))
     return reports + _others(notebooks, set(generated))
@@ -453,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--check", action="store_true", help="only check; exit 1 naming the out-of-date notebooks")
     b.add_argument("--force", action="store_true", help="also rewrite notebooks whose edits cannot be carried over "
                    "(each is backed up to notebooks/.backup/ first)")
+    b.add_argument("--solutions", type=Path, default=SOLUTIONS, help="default: solutions/ of this repo")
+    b.add_argument("--notebooks", type=Path, default=NOTEBOOKS, help="default: notebooks/ of this repo")
     e = sub.add_parser("execute", help="re-run solution notebooks in place")
     e.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook in solutions/")
     args = parser.parse_args(argv)
@@ -460,18 +465,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "execute":
             execute(args.notebooks or solution_notebooks(SOLUTIONS))
             return 0
+        solutions, notebooks = args.solutions, args.notebooks
         if args.check:
-            reports = check(SOLUTIONS, NOTEBOOKS)
+            reports = check(solutions, notebooks)
             bad = [r for r in reports if not r.ok]
             for r in bad:
-                print(f"{shown(NOTEBOOKS / r.name)}: {r.state}: {r.detail}", file=sys.stderr)
+                print(f"{shown(notebooks / r.name)}: {r.state}: {r.detail}", file=sys.stderr)
             if bad:
                 return 1
             answered = sum(r.state == "in step" and bool(r.detail) for r in reports)
             held = f"; {answered} notebooks hold your answers" if answered else ""
-            print(f"{shown(NOTEBOOKS)} is in step with {shown(SOLUTIONS)} ({len(reports)} notebooks{held})")
+            print(f"{shown(notebooks)} is in step with {shown(solutions)} ({len(reports)} notebooks{held})")
             return 0
-        reports = build(force=args.force, solutions=SOLUTIONS, notebooks=NOTEBOOKS)
+        reports = build(force=args.force, solutions=solutions, notebooks=notebooks)
         for r in reports:
             print(r, file=sys.stdout if r.ok else sys.stderr)
         return 0 if all(r.ok for r in reports) else 1
