@@ -205,6 +205,44 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token embedding `transformer.wte`: an nn.Embedding whose weight `lm_head` shares. Notebook 02, §2 and §4.
+
+    `wte(input_ids)` is a plain lookup. `GPT2.forward` passes `tie=` only in training, when its own `TiedHead` uses the
+    same weight in the same forward; then the weight gradient sent back is row-sparse (the B*T looked-up rows) when
+    the head's dense gradient has been computed in this same backward pass, and autograd adds the rows into that dense
+    matrix in place. If the head's gradient did not come (a hook replaced the logits, a loss that skips them), the
+    rows go back as an ordinary dense gradient: `.grad` is always the dense tensor plain autograd would give.
+    """
+
+    def forward(self, input_ids: torch.Tensor, tie: _Tie | None = None) -> torch.Tensor:
+        if tie is None:
+            return super().forward(input_ids)  # (B, T, C)
+        return _TiedLookup.apply(input_ids, self.weight, tie)  # (B, T, C)
+
+
+class TiedHead(nn.Linear):
+    """The language-model head `lm_head`: an nn.Linear (no bias) whose weight is `transformer.wte.weight`.
+
+    Notebook 02, §4. Same numbers as nn.Linear; its weight gradient comes out as one fresh contiguous (vocab, C)
+    matrix (`_TiedHead`), into which the embedding's gradient can be added in place. Replace it (`model.lm_head =
+    ...`) and the model uses the replacement, with plain autograd.
+    """
+
+    def forward(self, hidden: torch.Tensor, tie: _Tie | None = None) -> torch.Tensor:
+        weight = self.weight if tie is None else tie.head_weight
+        return _TiedHead.apply(hidden, weight, tie)  # (B, T, vocab)
+
+
+class _Tie:
+    """What one training forward's `TiedEmbedding` and `TiedHead` share: the head's view of the weight and the id of
+    the backward pass in which the head sent its dense gradient."""
+
+    def __init__(self, head_weight: torch.Tensor):
+        self.head_weight = head_weight
+        self.head_task = None
+
+
 class GPT2(nn.Module):
     """The GPT-2 language model. Built in notebook 02 (gpt2), §4.
 
@@ -217,14 +255,14 @@ class GPT2(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+                wte=TiedEmbedding(config.vocab_size, config.n_embd),  # token embedding (an nn.Embedding)
                 wpe=nn.Embedding(config.n_positions, config.n_embd),  # position embedding
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = TiedHead(config.n_embd, config.vocab_size, bias=False)  # an nn.Linear
         self.lm_head.weight = self.transformer.wte.weight  # tied: the same matrix reads and writes tokens
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two terms to the stream
@@ -241,22 +279,25 @@ class GPT2(nn.Module):
 
     # -- pieces, each an exercise in notebook 02
 
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, inputs_embeds=None, _row_grad=False):
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, inputs_embeds=None, _tie=None):
         """Token embedding + position embedding, then dropout: (B, T) ids -> (B, T, C). Notebook 02, §2.
 
         `inputs_embeds` (B, T, C) replaces the token lookup (e.g. to perturb the embeddings).
         """
         if inputs_embeds is not None:
             tok = inputs_embeds  # (B, T, C)
-        elif _row_grad:
-            tok = _RowGradEmbedding.apply(input_ids, self.transformer.wte.weight)  # (B, T, C)
+        elif _tie is not None:
+            tok = self.transformer.wte(input_ids, tie=_tie)  # (B, T, C); only passed to our own TiedEmbedding
         else:
             tok = self.transformer.wte(input_ids)  # (B, T, C)
         return self.transformer.drop(tok + self.transformer.wpe(position_ids))
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (after ln_f) -> logits: hidden @ wteᵀ, (B, T, C) -> (B, T, vocab). Notebook 02, §4."""
-        return _TiedHead.apply(hidden, self.lm_head.weight)  # (B, T, vocab); same numbers as self.lm_head(hidden)
+        """Final hidden states (after ln_f) -> logits: hidden @ wteᵀ, (B, T, C) -> (B, T, vocab). Notebook 02, §4.
+
+        Calls the `lm_head` module, so hooks on it fire and a replaced head takes effect.
+        """
+        return self.lm_head(hidden)  # (B, T, vocab)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters (the tied head counted once); `exclude_embeddings` leaves out wte and wpe."""
@@ -284,13 +325,27 @@ class GPT2(nn.Module):
         cache: a `KVCache`; the new keys/values are stored and `cache.length` advances by T.
         inputs_embeds: (B, T, C) token embeddings used instead of looking up input_ids (pass input_ids=None).
         """
-        # Speed (training): when the tied head runs in this same graph, the embedding sends only the gradient of its
-        # B*T rows and autograd adds them into the head's dense (vocab, C) gradient in place (see _RowGradEmbedding).
-        wte = self.transformer.wte.weight
-        row_grad = not return_hidden and torch.is_grad_enabled() and wte.requires_grad and inputs_embeds is None
-        head_weight = _ReachedLast.apply(wte) if row_grad else wte  # created before the embedding: see its docstring
-        hidden, _ = self._run(input_ids, attention_mask, position_ids, cache, False, inputs_embeds, row_grad)
-        return hidden if return_hidden else _TiedHead.apply(hidden, head_weight)  # (B, T, vocab)
+        tie = None if return_hidden or inputs_embeds is not None else self._tie()
+        hidden, _ = self._run(input_ids, attention_mask, position_ids, cache, False, inputs_embeds, tie)
+        if return_hidden:
+            return hidden  # (B, T, C)
+        return self.lm_head(hidden) if tie is None else self.lm_head(hidden, tie=tie)  # (B, T, vocab)
+
+    def _tie(self) -> _Tie | None:
+        """The speed pairing of `transformer.wte` and `lm_head` for one training forward, or None.
+
+        Only when both are still this file's modules (exact types: a subclass or wrapper may not take `tie=`), share
+        one weight that wants a gradient, and gradients are on. Then the head's weight gradient is one dense (vocab, C)
+        matrix and the embedding adds its B*T rows into it in place (see `TiedEmbedding`) instead of zero-filling and
+        adding a second dense matrix (38M floats for gpt2) each step. Anything else: plain modules, plain autograd.
+        """
+        wte, head = self.transformer.wte, self.lm_head
+        if not (torch.is_grad_enabled() and type(wte) is TiedEmbedding and type(head) is TiedHead):
+            return None
+        if head.weight is not wte.weight or not wte.weight.requires_grad:
+            return None
+        # the head reads the weight through an identity created *before* the embedding lookup: see _ReachedLast
+        return _Tie(_ReachedLast.apply(wte.weight))
 
     def hidden_states(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
         """The final hidden states (after ln_f), (B, T, C): `forward(..., return_hidden=True)`."""
@@ -302,7 +357,7 @@ class GPT2(nn.Module):
         _, maps = self._run(input_ids, attention_mask, None, None, return_weights=True)
         return maps
 
-    def _run(self, input_ids, attention_mask, position_ids, cache, return_weights, inputs_embeds=None, row_grad=False):
+    def _run(self, input_ids, attention_mask, position_ids, cache, return_weights, inputs_embeds=None, tie=None):
         if inputs_embeds is not None:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.n_embd:
                 raise ValueError(
@@ -313,27 +368,30 @@ class GPT2(nn.Module):
         elif input_ids is None or input_ids.dim() != 2:
             shape = None if input_ids is None else tuple(input_ids.shape)
             raise ValueError(f"input_ids should be (batch, seq) token ids, got {shape}")
+        elif input_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"input_ids should hold integer token ids (torch.long), got dtype {input_ids.dtype}")
         else:
             B, T = input_ids.shape
             device = input_ids.device
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_positions:
             raise ValueError(f"sequence of {past + T} tokens is longer than n_positions={self.config.n_positions}")
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)} "
+                "(batch, past + new tokens)"
+            )
+        unpadded = self._check_values(None if inputs_embeds is not None else input_ids, attention_mask, position_ids)
         if attention_mask is not None:
-            if attention_mask.shape != (B, past + T):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)} "
-                    "(batch, past + new tokens)"
-                )
             if position_ids is None:
                 position_ids = position_ids_from_mask(attention_mask)[:, past:]  # (B, T)
-            if bool(attention_mask.all()):
+            if unpadded:
                 attention_mask = None  # nothing padded: take the fast causal path
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
         # None -> the fused kernel's own causal masking; otherwise a boolean (B, 1, T, past + T) mask
         mask = None if attention_mask is None else combined_mask(attention_mask, T, past + T, device=device)
-        x = self.embed(input_ids, position_ids, inputs_embeds, row_grad)  # (B, T, C)
+        x = self.embed(input_ids, position_ids, inputs_embeds, tie)  # (B, T, C)
         maps = []
         for i, block in enumerate(self.transformer.h):
             if return_weights:
@@ -344,6 +402,45 @@ class GPT2(nn.Module):
         if cache is not None:
             cache.length += T
         return self.transformer.ln_f(x), maps  # (B, T, C)
+
+    def _check_values(self, input_ids, attention_mask, position_ids) -> bool:
+        """Raise one ValueError line for token ids outside [0, vocab_size), mask values other than 0/1 or positions
+        outside [0, n_positions); return whether the mask (if any) has no padding.
+
+        Cost: every flag is one tiny reduction, and all come back in ONE host read. With a mask that read is needed
+        anyway (the fused no-padding path is chosen on the host), so the checks add no device sync. Without a mask,
+        tensors on an accelerator are not checked (that would add a sync per forward, i.e. per generated token):
+        there the lookup fails on its own, as it does in transformers.
+        """
+        V, P = self.config.vocab_size, self.config.n_positions
+        host_read_free = attention_mask is not None or all(
+            t is None or t.device.type == "cpu" for t in (input_ids, position_ids)
+        )
+        flags = {}  # name -> 0-d bool tensor, True = something is wrong (or, for "unpadded", all real)
+        if attention_mask is not None:
+            m = attention_mask
+            if m.dtype != torch.bool:
+                flags["mask"] = ((m != 0) & (m != 1)).any()
+            flags["unpadded"] = m.all()
+        if host_read_free:
+            for name, t, hi in (("ids", input_ids, V), ("positions", position_ids, P)):
+                if t is not None and t.numel():
+                    lo_val, hi_val = torch.aminmax(t)
+                    flags[name] = (lo_val < 0) | (hi_val >= hi)
+        if not flags:
+            return True
+        values = dict(zip(flags, torch.stack(list(flags.values())).tolist()))  # the one host read
+        if values.get("ids"):
+            _raise_out_of_range("input_ids", input_ids, V, f"vocab_size {V}", _TOKENIZER_HINT)
+        if values.get("positions"):
+            _raise_out_of_range("position_ids", position_ids, P, f"n_positions {P}", "")
+        if values.get("mask"):
+            row, col = ((attention_mask != 0) & (attention_mask != 1)).nonzero()[0].tolist()
+            raise ValueError(
+                f"attention_mask[{row}, {col}] is {attention_mask[row, col].item()}: the mask must hold only 1 (real "
+                "token) and 0 (padding), e.g. the tokenizer's attention_mask"
+            )
+        return bool(values.get("unpadded", True))
 
     # -- weights
 
@@ -397,16 +494,18 @@ class GPT2(nn.Module):
 
 
 class _TiedHead(torch.autograd.Function):
-    """logits = hidden @ Wᵀ, with the weight gradient computed as one fresh (vocab, C) matrix.
+    """logits = hidden @ Wᵀ, with the weight gradient computed as one fresh (vocab, C) matrix. Used by `TiedHead`.
 
     Same numbers as nn.Linear. Why a Function: autograd's own weight gradient for `x @ W.t()` comes out as a
     transposed view, which the engine will not add the embedding's gradient into in place; this one can be.
     Under autocast the backward runs in the gradient's dtype and casts back, as autocast's own linear does.
+    With a `tie`, the backward records its pass, so the embedding knows the dense gradient joins its rows.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight):
+    def forward(ctx, hidden, weight, tie):
         ctx.save_for_backward(hidden, weight)
+        ctx.tie = tie
         return F.linear(hidden, weight)  # (B, T, vocab)
 
     @staticmethod
@@ -419,7 +518,9 @@ class _TiedHead(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             h = hidden.reshape(-1, hidden.shape[-1]).to(g.dtype)  # (B*T, C)
             grad_weight = g.t().mm(h).to(weight.dtype)  # (vocab, C), contiguous
-        return grad_hidden, grad_weight
+            if ctx.tie is not None:
+                ctx.tie.head_task = torch._C._current_graph_task_id()
+        return grad_hidden, grad_weight, None
 
 
 class _ReachedLast(torch.autograd.Function):
@@ -437,27 +538,51 @@ class _ReachedLast(torch.autograd.Function):
         return grad
 
 
-class _RowGradEmbedding(torch.autograd.Function):
-    """Token lookup whose weight gradient is sparse: only the B*T looked-up rows.
+class _TiedLookup(torch.autograd.Function):
+    """Token lookup whose weight gradient is row-sparse (only the B*T looked-up rows) when the tied head's dense
+    gradient is known to join it in this backward pass, and the ordinary dense gradient otherwise. Used by
+    `TiedEmbedding`.
 
-    Only used when the tied head runs in the same forward, so that a dense (vocab, C) gradient from the head always
-    joins these rows and the weight's .grad ends up dense, as usual. That skips zero-filling and adding a second
-    dense (vocab, C) gradient (38M floats for gpt2) on every training step.
+    The head runs after the embedding in the forward, so its backward runs first: by the time this backward runs,
+    `tie.head_task` says whether the head sent its (vocab, C) gradient in the *current* pass (a pass id, so a stale
+    mark from an earlier backward never counts). Rows + dense then sum to a dense .grad, as usual, while skipping the
+    zero-fill and the addition of a second dense (vocab, C) gradient (38M floats for gpt2) on every training step.
     """
 
     @staticmethod
-    def forward(ctx, input_ids, weight):
+    def forward(ctx, input_ids, weight, tie):
         ctx.save_for_backward(input_ids)
-        ctx.weight_shape = weight.shape
+        ctx.tie = tie
+        ctx.num_weights = weight.shape[0]
         return F.embedding(input_ids, weight)  # (B, T, C)
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[1]:
-            return None, None
+            return None, None, None
         (input_ids,) = ctx.saved_tensors
+        if ctx.tie.head_task is None or ctx.tie.head_task != torch._C._current_graph_task_id():
+            # no dense gradient from the head in this pass: the ordinary embedding gradient (what nn.Embedding gives)
+            dense = torch.ops.aten.embedding_dense_backward(grad, input_ids, ctx.num_weights, -1, False)
+            return None, dense, None
         rows = grad.reshape(-1, grad.shape[-1])  # (B*T, C); repeated ids simply add up
-        return None, torch.sparse_coo_tensor(input_ids.reshape(1, -1), rows, ctx.weight_shape, check_invariants=False)
+        shape = (ctx.num_weights, grad.shape[-1])
+        return None, torch.sparse_coo_tensor(input_ids.reshape(1, -1), rows, shape, check_invariants=False), None
+
+
+_TOKENIZER_HINT = (
+    "were the ids made by a tokenizer with a different vocabulary (or are they labels with -100 for ignored tokens)?"
+)
+
+
+def _raise_out_of_range(name: str, t: torch.Tensor, limit: int, what: str, hint: str):
+    bad = (t < 0) | (t >= limit)
+    where = bad.nonzero()[0].tolist()
+    index = ", ".join(map(str, where))
+    raise ValueError(
+        f"{name}[{index}] is {t[tuple(where)].item()}, outside [0, {limit}) ({what} of this model; "
+        f"{int(bad.sum())} value(s) out of range){': ' + hint if hint else ''}"
+    )
 
 
 class WeightLoadError(ValueError):
