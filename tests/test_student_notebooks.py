@@ -1,5 +1,9 @@
 """Run each student notebook as handed out (every exercise still a stub), the way a student first meets it.
 
+The notebooks run are generated from solutions/ in memory (`course.student_version`), not read from notebooks/:
+that folder may hold a student's answers (in step, see gpt2lab.course), and whether it matches solutions/ is the
+sync check's business (tests/test_course.py, `make test`). They run from notebooks/, as a student's do.
+
 Only the exercise cells may fail, each with NotImplementedError; each exercise's check cell must answer "not
 implemented yet" instead of a traceback (checks of the library copy still pass); everything else (plots, widgets,
 later sections built on the library copy) must run. Quick mode keeps this to seconds per notebook.
@@ -7,22 +11,22 @@ later sections built on the library copy) must run. Quick mode keeps this to sec
 
 from __future__ import annotations
 
-import nbformat
 import pytest
 from nbclient import NotebookClient
 
 from gpt2lab import course
 
-STUDENT_NOTEBOOKS = sorted(course.NOTEBOOKS.glob("*.ipynb"))
+SOLUTIONS = course.solution_notebooks()
 
 
-@pytest.mark.parametrize("path", STUDENT_NOTEBOOKS, ids=[p.stem for p in STUDENT_NOTEBOOKS])
-def test_student_notebook_runs_with_stubs(path, monkeypatch, sonnet_data, quora_data, tokenizer):
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=[p.stem for p in SOLUTIONS])
+def test_student_notebook_runs_with_stubs(solution, monkeypatch, sonnet_data, quora_data, tokenizer):
     monkeypatch.setenv("GPT2LAB_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = nbformat.read(path, as_version=4)
+    path = course.NOTEBOOKS / solution.name
+    nb = course.student_version(course.read_notebook(solution), solution.name)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=True,
-                            resources={"metadata": {"path": str(path.parent)}})
+                            resources={"metadata": {"path": str(course.NOTEBOOKS)}})
     client.execute()  # the kernel inherits this process's environment, quick mode included
     stubs, checks = 0, 0
     for index, cell in enumerate(nb.cells):
