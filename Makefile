@@ -21,7 +21,7 @@ endif
 help:
 	@echo "make lab       open the course in JupyterLab (notebooks/00_welcome.ipynb)"
 	@echo "make test      lint, check notebooks/ is in step, run pytest and nbval (quick mode)"
-	@echo "make student   regenerate notebooks/ from solutions/"
+	@echo "make student   regenerate notebooks/ from solutions/, keeping your answers (FORCE=1: backup, then write)"
 	@echo "make solutions re-execute solutions/ in quick mode (refreshes the outputs nbval checks)"
 	@echo "make bench     our GPT-2 and AdamW against transformers and torch.optim, side by side (ratios)"
 
@@ -42,8 +42,9 @@ test: lint
 	$(PY) -m gpt2lab.course build --check
 	GPT2LAB_QUICK=1 MPLBACKEND=Agg $(PY) -m pytest tests solutions --nbval-lax --nbval-current-env -p no:cacheprovider
 
+# Keeps the answers in notebooks/, or refuses naming the cells; FORCE=1 backs up to notebooks/.backup/, then writes.
 student: $(STAMP)
-	$(PY) -m gpt2lab.course build
+	$(PY) -m gpt2lab.course build $(if $(FORCE),--force,)
 
 solutions: $(STAMP)
 	GPT2LAB_QUICK=1 $(PY) -m gpt2lab.course execute
