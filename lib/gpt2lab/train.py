@@ -1,33 +1,66 @@
-"""One training loop for both tasks: progress bars, evaluation, early stopping, checkpoints, exact resume.
+"""One training loop for every task and method: progress bars, evaluation, early stopping, checkpoints, exact resume.
 
-Built in notebook 04 (finetune), §3 (the loop) and §6 (checkpoints and exact resume).
+Built in notebook 04 (finetune), §3 (the loop) and §6 (checkpoints and exact resume); the method notebooks (LoRA,
+SMART, SOAP, AdaPreLoRA) plug into it through the three extension points below.
 
-    record = train(model, task, make_optimizer, TrainConfig(epochs=3, lr=1e-4, out_dir="results"))
+    record = train(model, task, make_optimizer, TrainConfig(epochs=3, lr=1e-4, method="full"), callbacks=[...])
 
-`make_optimizer(params, lr)` builds the optimizer from the trainable parameters, so `gpt2lab.optim.AdamW`,
-`torch.optim.AdamW` or a `functools.partial` of either can be passed as is. A task is described in
-`gpt2lab.tasks`.
+A task is described in `gpt2lab.tasks`.
 
-Reproducibility. Batches are drawn from a permutation seeded by (seed, epoch), so the data order is a function of
-the position in training, not of history. A checkpoint stores the model, optimizer, scheduler and grad-scaler
-states, the python / numpy / torch RNG states, the position (epoch, batch within epoch, step), the best dev metric
-and the history. `resume=True` restores all of it and skips the batches already seen, so an interrupted run
-resumed from its last checkpoint ends with exactly the parameters and metrics of an uninterrupted one
-(bit-for-bit on a CPU; on a GPU as far as its kernels are deterministic). Evaluation runs under its own fixed seed
-(torch.random.fork_rng), so sampling sonnets never shifts the training RNG.
+Extension points
+----------------
+* **The optimizer factory sees the model.** A factory whose first parameter is named `model` is called as
+  `make_optimizer(model, lr)` and can build param groups from names and modules (e.g. with
+  `gpt2lab.optim.decay_groups`, or LoRA+'s separate group for the B matrices). Any other callable is called the
+  old way, `make_optimizer(params, lr)` with the list of trainable parameters, so `torch.optim.AdamW`,
+  `gpt2lab.optim.AdamW` or a `functools.partial` of either can be passed as is. Either way the optimizer must
+  hold exactly the trainable parameters (one line names those left out or frozen ones put in).
+* **Callbacks get the loop's state.** A `Callback` overrides any of `on_start`, `on_step` (after every optimizer
+  step), `on_evaluate` (after every evaluation) and `on_end`, each called with the `Loop` (step, epoch, loss,
+  lr, lrs, metrics, model, optimizer, scheduler, task, config, state). A plain function is an `on_step`
+  callback: `fn(loop)`. A callback with `state_dict()` / `load_state_dict(state)` has that state saved in
+  every checkpoint and restored on resume (e.g. an EMA of the weights, an lr log), so it survives an
+  interruption exactly. Raising from a callback (KeyboardInterrupt) stops the run like pressing ■.
+* **Frozen bases.** When some parameters have requires_grad False (LoRA), checkpoint.pt and best.pt hold only
+  the trainable parameters (plus buffers) and a fingerprint of the frozen base, which resume checks.
 
-Files (under out_dir/run_name/): checkpoint.pt (last), best.pt (best dev weights), record.json (the run record),
-each written to a temporary file and renamed, so a crash mid-write never leaves a half file.
+Reproducibility. A fresh run seeds python, numpy and torch with `config.seed` before its first step, so the same
+config from the same starting weights gives the same weights and record (apart from times) with dropout on.
+Batches are drawn from a permutation seeded by (seed, epoch), a function of the position in training, not of
+history. A checkpoint stores the model, optimizer, scheduler, grad-scaler and callback states, every RNG state,
+the position (epoch, batch, step), the best dev metric, the history and the time spent so far; `resume=True`
+restores all of it and skips the batches already seen, so an interrupted run resumed from its last checkpoint
+ends with exactly the parameters and metrics of an uninterrupted one (bit-for-bit on a CPU; on a GPU as far as
+its kernels are deterministic). Evaluation runs under its own fixed seed (torch.random.fork_rng), so sampling
+sonnets never shifts the training RNG.
+
+Resume checks. Every config field is in one of three sets (a test keeps them complete): `RESULT_FIELDS` change
+the result and must match the checkpoint, as must the training-set size, the task, the optimizer's class and
+param-group settings, the trainable parameters, the stateful callbacks and (frozen base) the base's
+fingerprint; all mismatches are refused in one line, old -> new. `EXTEND_FIELDS` only say how far the run goes
+or how it is watched (epochs, max_steps, patience, evaluation and checkpoint frequency, logging): they are
+accepted, and the line that announces the resume lists them. `PLACE_FIELDS` say where the run lives. With
+schedule="linear" a new step budget moves the end of the decay (said in the same line).
+
+Run folders (`gpt2lab.runs`). out_dir/run_name/ holds checkpoint.pt (latest), checkpoint.prev.pt (the one before,
+the fallback when the latest cannot be read), best.pt (best dev weights), record.json, and lock.json while a run
+uses it. The default run_name is derived from the config, the optimizer, the data size and the starting
+weights (readable + hash), so different methods or hyper-parameters never share a folder and the same run
+finds its folder again. The folder is checked for writing and locked before the first step. resume=False on a
+folder that holds a run refuses unless `overwrite=True`.
+
+The record (record.json) holds, besides the metrics: training time and evaluation time separately (and the time
+spent writing files), it/s and tokens/s from training time only, this run's own peak memory and how it was
+measured, the optimizer's name, settings and state size in bytes, trainable and total parameters.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
-import os
 import platform
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,13 +68,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from . import runs
+from .runs import atomic_save  # noqa: F401  (re-exported: older code imports it from here)
 from .tasks import atomic_write_text, eval_mode, model_device, to_device
 
 
 @dataclass
 class TrainConfig:
-    """Everything the loop needs besides the model, the task and the optimizer factory.
+    """Everything the loop needs besides the model, the task, the optimizer factory and the callbacks.
 
     Built in notebook 04 (finetune), §3. Step counts are optimizer steps (one batch each).
     """
@@ -60,12 +96,14 @@ class TrainConfig:
     restore_best: bool = True  # at the end, load the weights of the best evaluation (when there was one)
     checkpoint_every: int | None = None  # also checkpoint every N steps (always after each evaluation)
     seed: int = 1337
+    method: str = "full"  # what is trained and how, in the run name: "full", "lora-r8-qv", "smart", ...
     out_dir: str | None = "results"  # None: write no files at all
-    run_name: str | None = None  # default: "<task>-seed<seed>"
+    run_name: str | None = None  # None: derived from the config (see gpt2lab.runs.run_name)
     resume: bool = False  # continue from out_dir/run_name/checkpoint.pt when it exists
+    overwrite: bool = False  # resume=False on a folder holding a run: start over instead of refusing
     log_every: int = 10  # record the training loss every N steps (for loss curves)
     progress: bool = True  # tqdm.auto progress bars
-    extra: dict = field(default_factory=dict)  # free-form notes stored in the record (method, model name...)
+    extra: dict = field(default_factory=dict)  # free-form notes stored in the record (model name...)
 
     def __post_init__(self):
         if self.schedule not in ("constant", "linear"):
@@ -74,6 +112,86 @@ class TrainConfig:
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', not {self.amp!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError(f"batch_size ({self.batch_size}) and epochs ({self.epochs}) must be at least 1")
+
+
+# which config fields must match on resume, which may change, which only place the run (see the module docstring)
+RESULT_FIELDS = ("batch_size", "lr", "warmup_steps", "schedule", "grad_clip", "amp", "seed", "method")
+EXTEND_FIELDS = ("epochs", "max_steps", "patience", "evaluate", "eval_every", "checkpoint_every", "restore_best",
+                 "log_every", "progress")
+PLACE_FIELDS = ("out_dir", "run_name", "resume", "overwrite", "extra")
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+
+
+class Callback:
+    """Base class of the loop's callbacks (notebook 04, §3): override the events you need.
+
+    Add `state_dict()` and `load_state_dict(state)` to have the callback's state checkpointed and restored.
+    """
+
+    def on_start(self, loop: Loop) -> None:
+        """Before the first step of this call (after a resume has restored everything)."""
+
+    def on_step(self, loop: Loop) -> None:
+        """After every optimizer step: loop.step, loop.loss and loop.lr describe the step just taken."""
+
+    def on_evaluate(self, loop: Loop) -> None:
+        """After every evaluation: loop.metrics is its entry (step, epoch, train_loss and the task's metrics)."""
+
+    def on_end(self, loop: Loop) -> None:
+        """After the last step (and before the best weights are restored); loop.state['status'] says why."""
+
+
+EVENTS = ("start", "step", "evaluate", "end")
+
+
+class _OnStep(Callback):
+    """A plain function used as a callback: called as fn(loop) after every step."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def on_step(self, loop: Loop) -> None:
+        self.fn(loop)
+
+
+@dataclass
+class Loop:
+    """What callbacks see (notebook 04, §3): the objects of the run and where it stands.
+
+    `state` is the loop's own dict (step, epoch, batch, best, evals, ...; saved in checkpoints): read it, do not
+    change it. `loss` and `lrs` describe the last optimizer step (`lr` is the first group's lr); `metrics` the last
+    evaluation.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    task: object
+    config: TrainConfig
+    state: dict
+    run_dir: Path | None = None
+    event: str = "start"
+    loss: float | None = None
+    lrs: list = field(default_factory=list)
+    metrics: dict | None = None
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    @property
+    def epoch(self) -> int:
+        return self.state["epoch"]
+
+    @property
+    def lr(self) -> float | None:
+        return self.lrs[0] if self.lrs else None
+
+
+def _stateful(callback) -> bool:
+    return callable(getattr(callback, "state_dict", None)) and callable(getattr(callback, "load_state_dict", None))
 
 
 class _Interrupted(Exception):
@@ -98,12 +216,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path` (never a half checkpoint)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device): a fresh run's dropout masks then depend on the seed only."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -124,19 +241,6 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch on CUDA; elsewhere the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-    except ImportError:  # Windows
-        return float("nan")
-
-
 def versions() -> dict:
     import transformers
 
@@ -144,6 +248,57 @@ def versions() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "gpt2lab": __version__, "numpy": np.__version__}
+
+
+def _plain(value):
+    """A param-group setting as JSON-able data, for comparing and recording (tuples -> lists, tensors -> numbers)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def build_optimizer(make_optimizer: Callable, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Call the factory the way it asks for (see the module docstring) and check it holds the trainable parameters."""
+    try:
+        first = next(iter(inspect.signature(make_optimizer).parameters), None)
+    except (TypeError, ValueError):  # a callable without a signature: the old form
+        first = None
+    if first == "model":
+        optimizer = make_optimizer(model, lr)
+    else:
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    named = list(model.named_parameters())
+    left_out = [n for n, p in named if p.requires_grad and id(p) not in held]
+    frozen_in = [n for n, p in named if not p.requires_grad and id(p) in held]
+    if left_out or frozen_in:
+        which = (f"leaves out {len(left_out)} trainable parameters ({', '.join(left_out[:3])}"
+                 f"{', ...' if len(left_out) > 3 else ''})" if left_out else
+                 f"holds {len(frozen_in)} frozen parameters ({', '.join(frozen_in[:3])})")
+        raise ValueError(f"the optimizer built by {getattr(make_optimizer, '__name__', make_optimizer)!r} {which}: "
+                         "give it exactly the parameters with requires_grad=True")
+    return optimizer
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict:
+    """Class and param-group settings (everything but the tensors), taken before the scheduler changes any lr."""
+    groups = [{**{k: _plain(v) for k, v in g.items() if k not in ("params", "param_names")},
+               "n_params": len(g["params"])} for g in optimizer.param_groups]
+    return {"name": type(optimizer).__name__, "module": type(optimizer).__module__, "groups": groups}
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's state tensors (Adam: two per parameter, plus step counts)."""
+    total = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
 
 
 def _lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -163,231 +318,436 @@ def _better(value: float, best: float | None, higher_is_better: bool) -> bool:
     return value > best if higher_is_better else value < best
 
 
+def _model_weights(model: nn.Module, trainable_only: bool) -> dict:
+    """The model's state dict, or (frozen base) only its trainable parameters and its buffers."""
+    if not trainable_only:
+        return model.state_dict()
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()
+            if not isinstance(v, nn.Parameter) or v.requires_grad}
+
+
+def _load_weights(model: nn.Module, weights: dict, trainable_only: bool, where) -> None:
+    if not trainable_only:
+        model.load_state_dict(weights)
+        return
+    frozen = {k for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter)
+              and not v.requires_grad}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    wrong = sorted(set(missing) - frozen) + sorted(unexpected)
+    if wrong:
+        raise ValueError(f"cannot load {where}: its weights do not match this model's trainable parameters "
+                         f"({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
 def train(model, task, make_optimizer: Callable, config: TrainConfig | None = None,
-          callbacks: list[Callable] | None = None) -> dict:
+          callbacks: list | None = None) -> dict:
     """Fine-tune `model` on `task`; return the run record (also written to out_dir/run_name/record.json).
 
-    Built in notebook 04 (finetune), §3 and §6. `callbacks` are called as `fn(step, loss)` after every optimizer step
-    (the tests raise KeyboardInterrupt or kill the process from one to prove that resuming is exact).
+    Built in notebook 04 (finetune), §3 and §6; the extension points are in the module docstring.
     Stops early on: max_steps, `patience` evaluations without improvement, or a NaN/inf loss or gradient (then
     it prints one line, keeps the last good checkpoint and returns a record with status "diverged").
     """
-    from tqdm.auto import tqdm
+    return _Run(model, task, make_optimizer, config or TrainConfig(), callbacks or []).run()
 
-    config = config or TrainConfig()
-    callbacks = callbacks or []
-    device = model_device(model)
-    n_train = len(task.train_set)
-    if n_train == 0:
-        raise ValueError(f"task {task.name!r} has no training examples")
-    batches_per_epoch = math.ceil(n_train / config.batch_size)
-    total_steps = batches_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    run_name = config.run_name or f"{task.name}-seed{config.seed}"
-    run_dir = Path(config.out_dir) / run_name if config.out_dir is not None else None
 
-    use_amp = config.amp is not None and device.type == "cuda"
-    if config.amp is not None and not use_amp:
-        print(f"note: amp={config.amp!r} needs a CUDA device; training in float32 on {device.type}")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp or "", torch.float32)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and config.amp == "fp16")
+class _Run:
+    """One call of `train`: set-up (optimizer, name, folder, resume), the loop, the record."""
 
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp)
+    def __init__(self, model, task, make_optimizer, config: TrainConfig, callbacks: list):
+        self.model, self.task, self.config = model, task, config
+        self.callbacks = [c if isinstance(c, Callback) or any(hasattr(c, f"on_{e}") for e in EVENTS) else _OnStep(c)
+                          for c in callbacks]
+        self.device = model_device(model)
+        self.n_train = len(task.train_set)
+        if self.n_train == 0:
+            raise ValueError(f"task {task.name!r} has no training examples")
+        self.batches_per_epoch = math.ceil(self.n_train / config.batch_size)
+        self.total_steps = self.batches_per_epoch * config.epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (every requires_grad is False)")
-    optimizer = make_optimizer(params, config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, total_steps))
+        self.use_amp = config.amp is not None and self.device.type == "cuda"
+        if config.amp is not None and not self.use_amp:
+            print(f"note: amp={config.amp!r} needs a CUDA device; training in float32 on {self.device.type}")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp or "", torch.float32)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and config.amp == "fp16")
 
-    # training state: everything a checkpoint must hold to continue exactly
-    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
-             "epoch_loss": 0.0, "epoch_batches": 0, "tokens": 0, "train_time": 0.0,
-             "evals": [], "epochs": [], "loss_log": [], "status": "running"}
-    resumed_from = None
-    checkpoint_path = run_dir / "checkpoint.pt" if run_dir else None
-    best_path = run_dir / "best.pt" if run_dir else None
-    best_weights = None  # in memory when there is no out_dir
-    if config.resume and checkpoint_path is not None and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)  # RNG states live on the CPU
-        changed = [f"{k} {ckpt['config'][k]} -> {getattr(config, k)}" for k in ("seed", "batch_size")
-                   if ckpt["config"][k] != getattr(config, k)]
-        if changed:  # the data order depends on them: the resumed run would not continue the same one
-            raise ValueError(f"cannot resume {checkpoint_path}: {', '.join(changed)}; use the checkpoint's values "
-                             "or resume=False to start over")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["state"]
-        set_rng_state(ckpt["rng"])
-        resumed_from = state["step"]
-        if state["status"] == "completed" and state["step"] < total_steps:
-            state["status"] = "running"  # a run that stopped at max_steps, continued with a larger budget
-        if config.progress:
-            print(f"resuming {run_name} from step {state['step']} (epoch {state['epoch'] + 1}, "
-                  f"batch {state['batch']})")
-    elif config.resume and config.progress:
-        print(f"no checkpoint to resume in {run_dir}: starting {run_name} from scratch")
+        named = list(model.named_parameters())
+        self.params = [p for _, p in named if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (every requires_grad is False)")
+        self.trainable_names = [n for n, p in named if p.requires_grad]
+        frozen = [(n, p) for n, p in named if not p.requires_grad]
+        self.trainable_only = bool(frozen)  # a frozen base: checkpoints hold the trainable part only
+        self.base_fingerprint = runs.weights_fingerprint(frozen) if frozen else None
+        start_fingerprint = runs.weights_fingerprint(model.state_dict().items())  # the starting weights
 
-    last_saved = None
+        self.optimizer = build_optimizer(make_optimizer, model, config.lr)
+        self.optimizer_desc = describe_optimizer(self.optimizer)  # before the scheduler rewrites the lrs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(config, self.total_steps))
 
-    def save_checkpoint() -> None:
-        nonlocal last_saved
-        where = (state["step"], state["epoch"], state["batch"], state["status"], len(state["evals"]))
-        if checkpoint_path is None or where == last_saved:  # nothing new since the last one
+        identity = {"task": task.name, "n_train": self.n_train, "optimizer": self.optimizer_desc,
+                    "config": {k: getattr(config, k) for k in RESULT_FIELDS}, "start": start_fingerprint,
+                    "trainable": self.trainable_names}
+        self.run_name = config.run_name or runs.run_name(
+            task.name, config.method, self.optimizer_desc["name"], config.lr, config.batch_size, config.seed, identity)
+        self.run_dir = Path(config.out_dir) / self.run_name if config.out_dir is not None else None
+        self.start_fingerprint = start_fingerprint
+
+        # training state: everything a checkpoint must hold to continue exactly
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
+                      "epoch_loss": 0.0, "epoch_batches": 0, "tokens": 0, "train_time": 0.0, "eval_time": 0.0,
+                      "io_time": 0.0, "wall_time": 0.0, "peak_memory_mb": 0.0,
+                      "evals": [], "epochs": [], "loss_log": [], "status": "running"}
+        self.loop = Loop(model, self.optimizer, self.scheduler, task, config, self.state, self.run_dir)
+        self.resumed_from = None
+        self.resume_changes: list[str] = []
+        self.best_weights = None  # in memory when there is no out_dir
+        self.last_saved = None
+        self.memory = runs.PeakMemory(self.device)
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def run(self) -> dict:
+        if self.run_dir is None:
+            return self._run()
+        runs.check_writable(self.run_dir)  # before any work: a read-only out_dir fails here, naming the folder
+        with runs.RunLock(self.run_dir):
+            removed = runs.remove_stale_temps(self.run_dir)
+            if removed:
+                print(f"removed {len(removed)} stale temporary file(s) of killed writes in {self.run_dir}: "
+                      f"{', '.join(removed)}")
+            return self._run()
+
+    def _prepare_folder(self) -> None:
+        """resume=False: refuse to replace a run already in the folder, unless config.overwrite."""
+        held = [name for name in runs.RUN_FILES if (self.run_dir / name).exists()]
+        if not held:
             return
-        last_saved = where
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "state": state, "rng": rng_state(), "config": asdict(config)}, checkpoint_path)
+        record = self.run_dir / runs.RECORD
+        what = "a finished run (record.json)" if record.exists() else f"an unfinished run ({', '.join(held)})"
+        if not self.config.overwrite:
+            raise FileExistsError(f"{self.run_dir} already holds {what}: pass resume=True to continue or load it, "
+                                  "overwrite=True to start over, or another run_name")
+        print(f"overwrite=True: removing {what} in {self.run_dir}")
+        for name in held:
+            (self.run_dir / name).unlink(missing_ok=True)
 
-    def run_evaluation(save: bool = True) -> dict:
-        nonlocal best_weights
+    def _resume(self) -> bool:
+        ckpt, path = runs.load_checkpoint(self.run_dir)
+        if ckpt is None:
+            if self.config.progress:
+                print(f"no checkpoint to resume in {self.run_dir}: starting {self.run_name} from scratch")
+            return False
+        self._check_compatible(ckpt, path)
+        _load_weights(self.model, ckpt["model"], ckpt.get("trainable_only", False), path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        for callback, saved in zip(self._stateful(), ckpt.get("callbacks", [])):
+            callback.load_state_dict(saved["state"])
+        self.state.update(ckpt["state"])
+        set_rng_state(ckpt["rng"])
+        self.resumed_from = self.state["step"]
+        status, patience = self.state["status"], self.config.patience
+        more_steps = self.state["step"] < self.total_steps
+        if status == "completed" and more_steps:  # stopped at max_steps or its last epoch: a larger budget goes on
+            self.state["status"] = "running"
+        if status == "early_stopped" and more_steps and (patience is None or self.state["bad_evals"] < patience):
+            self.state["status"] = "running"  # a larger patience continues an early-stopped run
+        if self.config.progress or self.resume_changes:
+            changes = f"; accepted changes: {', '.join(self.resume_changes)}" if self.resume_changes else ""
+            print(f"resuming {self.run_name} from step {self.state['step']} (epoch {self.state['epoch'] + 1}, "
+                  f"batch {self.state['batch']}, {self.state['status']}){changes}")
+        return True
+
+    def _check_compatible(self, ckpt: dict, path) -> None:
+        """Refuse, in one line listing old -> new, every difference that would make the resumed run another run."""
+        old_config, config = ckpt["config"], self.config
+        refused = [f"{k} {old_config[k]!r} -> {getattr(config, k)!r}" for k in RESULT_FIELDS
+                   if k in old_config and old_config[k] != getattr(config, k)]
+        self.resume_changes = [f"{k} {old_config[k]!r} -> {getattr(config, k)!r}" for k in EXTEND_FIELDS
+                               if k in old_config and old_config[k] != getattr(config, k)]
+        old_total = ckpt.get("total_steps")
+        if config.schedule == "linear" and old_total is not None and old_total != self.total_steps:
+            self.resume_changes.append(f"the linear decay now ends at step {self.total_steps} (was {old_total})")
+        for key, new in (("task", self.task.name), ("n_train", self.n_train)):
+            if key in ckpt and ckpt[key] != new:
+                refused.append(f"{'training-set size' if key == 'n_train' else key} {ckpt[key]!r} -> {new!r}")
+        old_opt, new_opt = ckpt.get("optimizer_desc"), self.optimizer_desc
+        if old_opt is not None:
+            if old_opt["name"] != new_opt["name"]:
+                refused.append(f"optimizer {old_opt['name']} -> {new_opt['name']}")
+            elif len(old_opt["groups"]) != len(new_opt["groups"]):
+                refused.append(f"optimizer param groups {len(old_opt['groups'])} -> {len(new_opt['groups'])}")
+            else:
+                lr_refused = any(item.startswith("lr ") for item in refused)  # said once, not once per group
+                for i, (a, b) in enumerate(zip(old_opt["groups"], new_opt["groups"])):
+                    for k in sorted(set(a) | set(b)):
+                        if a.get(k) != b.get(k) and not (k == "lr" and lr_refused):
+                            refused.append(f"optimizer group {i} {k} {a.get(k)!r} -> {b.get(k)!r}")
+        if "trainable" in ckpt and ckpt["trainable"] != self.trainable_names:
+            refused.append(f"trainable parameters {len(ckpt['trainable'])} tensors -> {len(self.trainable_names)} "
+                           "(or other names)")
+        if ckpt.get("base_fingerprint") != self.base_fingerprint and ckpt.get("trainable_only", False):
+            refused.append(f"frozen base weights (fingerprint {ckpt.get('base_fingerprint')} -> "
+                           f"{self.base_fingerprint}; load the same base weights)")
+        old_cbs = [c["name"] for c in ckpt.get("callbacks", [])]
+        new_cbs = [type(c).__name__ for c in self._stateful()]
+        if "callbacks" in ckpt and old_cbs != new_cbs:
+            refused.append(f"callbacks with state {old_cbs} -> {new_cbs}")
+        if refused:
+            raise ValueError(f"cannot resume {path}: {'; '.join(refused)}. These change the result: use the "
+                             "checkpoint's settings, or resume=False with overwrite=True to start over")
+
+    def _stateful(self) -> list:
+        return [c for c in self.callbacks if _stateful(c)]
+
+    def _fire(self, event: str) -> None:
+        self.loop.event = event
+        for callback in self.callbacks:
+            getattr(callback, f"on_{event}", lambda loop: None)(self.loop)
+
+    # ------------------------------------------------------------------------------------------ files
+
+    def _save_checkpoint(self) -> None:
+        where = (self.state["step"], self.state["epoch"], self.state["batch"], self.state["status"],
+                 len(self.state["evals"]))
+        if self.run_dir is None or where == self.last_saved:  # nothing new since the last one
+            return
+        self.last_saved = where
+        t0 = time.perf_counter()
+        self._note_times()
+        runs.save_checkpoint({
+            "format": 2, "model": _model_weights(self.model, self.trainable_only),
+            "trainable_only": self.trainable_only, "base_fingerprint": self.base_fingerprint,
+            "trainable": self.trainable_names, "optimizer": self.optimizer.state_dict(),
+            "optimizer_desc": self.optimizer_desc, "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "state": self.state, "rng": rng_state(),
+            "config": asdict(self.config), "task": self.task.name, "n_train": self.n_train,
+            "total_steps": self.total_steps,
+            "callbacks": [{"name": type(c).__name__, "state": c.state_dict()} for c in self._stateful()],
+        }, self.run_dir)
+        self.state["io_time"] += time.perf_counter() - t0
+
+    def _note_times(self) -> None:
+        """Bring wall time and peak memory in the state up to date (they are saved with every checkpoint)."""
+        now = time.perf_counter()
+        self.state["wall_time"] += now - self._wall_mark
+        self._wall_mark = now
+        self.memory.sample()
+        self.state["peak_memory_mb"] = max(self.state["peak_memory_mb"], self.memory.peak_mb())
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def _evaluate(self, save: bool = True) -> dict:
+        t0 = time.perf_counter()
         # a fixed seed of its own: sampled sonnets are reproducible and the training RNG is untouched
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), eval_mode(model), autocast():
-            torch.manual_seed(config.seed)
-            result = {k: float(v) for k, v in task.evaluate(model).items()}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), eval_mode(self.model), self._autocast():
+            torch.manual_seed(self.config.seed)
+            result = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
+        state = self.state
         mean_loss = state["epoch_loss"] / max(state["epoch_batches"], 1)
-        entry = {"step": state["step"], "epoch": state["epoch"] + state["batch"] / batches_per_epoch,
+        entry = {"step": state["step"], "epoch": state["epoch"] + state["batch"] / self.batches_per_epoch,
                  "train_loss": mean_loss, **result}
         state["evals"].append(entry)
-        value = result[task.metric]
-        if _better(value, state["best"], task.higher_is_better):
+        value = result[self.task.metric]
+        if _better(value, state["best"], self.task.higher_is_better):
             state["best"], state["best_step"], state["bad_evals"] = value, state["step"], 0
-            if best_path is not None:
-                atomic_save(model.state_dict(), best_path)
+            weights = _model_weights(self.model, self.trainable_only)
+            if self.run_dir is not None:
+                atomic_save(weights, self.run_dir / runs.BEST)
             else:
-                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                self.best_weights = {k: v.detach().clone() for k, v in weights.items()}
         else:
             state["bad_evals"] += 1
+        state["eval_time"] += time.perf_counter() - t0
+        self.memory.sample()
+        self.loop.metrics = entry
+        self._show()
+        self._fire("evaluate")
         if save:
-            save_checkpoint()
+            self._save_checkpoint()
         return entry
 
-    start = time.perf_counter()
-    train_time_before = state["train_time"]
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"{task.name}", unit="step",
-               disable=not config.progress, dynamic_ncols=True)
-    smooth = None
-    model.train()
-    try:
-        while state["epoch"] < config.epochs and state["step"] < total_steps and state["status"] == "running":
-            order = epoch_order(n_train, config.seed, state["epoch"])
-            while state["batch"] < batches_per_epoch and state["step"] < total_steps:
-                idx = order[state["batch"] * config.batch_size : (state["batch"] + 1) * config.batch_size]
-                batch = to_device(task.collate([task.train_set[i] for i in idx]), device)
-                with autocast():
-                    loss = task.loss(model, batch)
-                if not torch.isfinite(loss):
-                    raise _Interrupted(f"loss is {loss.item()} at step {state['step'] + 1}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                    if not torch.isfinite(norm) and not scaler.is_enabled():  # fp16's scaler skips such steps
-                        raise _Interrupted(f"gradient norm is {norm.item()} at step {state['step'] + 1}")
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+    def _show(self) -> None:
+        """Progress-bar postfix: smoothed loss and the best dev metric so far (refreshed after every evaluation)."""
+        best = self.state["best"]
+        self.bar.set_postfix(loss="-" if self.smooth is None else f"{self.smooth:.4f}",
+                             best="-" if best is None else f"{best:.4g}")
 
-                value = loss.item()
-                state["step"] += 1
-                state["batch"] += 1
-                state["epoch_loss"] += value
-                state["epoch_batches"] += 1
-                state["tokens"] += int(batch["attention_mask"].sum())
-                if state["step"] % config.log_every == 0 or state["step"] == 1:
-                    state["loss_log"].append((state["step"], value))
-                smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
-                bar.update(1)
-                bar.set_postfix(loss=f"{smooth:.4f}", best=state["best"] if state["best"] is None
-                                else f"{state['best']:.4g}")
-                for fn in callbacks:
-                    fn(state["step"], value)
+    # ------------------------------------------------------------------------------------------ the loop
 
+    def _run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        config, state = self.config, self.state
+        resumed = False
+        if self.run_dir is not None:
+            if config.resume:
+                resumed = self._resume()
+            else:
+                self._prepare_folder()
+        elif config.resume and config.progress:
+            print("resume=True has no effect with out_dir=None (no checkpoints are written)")
+        if not resumed:
+            seed_everything(config.seed)  # the same config from the same weights gives the same run
+
+        self.memory.start()
+        self._wall_mark = time.perf_counter()
+        self.smooth = None
+        self.bar = tqdm(total=self.total_steps, initial=state["step"], desc=self.task.name, unit="step",
+                        disable=not config.progress, dynamic_ncols=True)
+        self.model.train()
+        try:
+            self._fire("start")
+            self._loop()
+        except _Interrupted as err:
+            state["status"] = "diverged"
+            path = self.run_dir / runs.CHECKPOINT if self.run_dir is not None else None
+            kept = "no checkpoint was written yet" if path is None or not path.exists() else \
+                f"the last good checkpoint {path} is kept"
+            message = f"stopped: {err} (non-finite); {kept}. Try a lower lr, grad_clip, or amp=None."
+            state["message"] = message
+            print(message)
+        finally:
+            self.bar.close()
+        self._note_times()
+        self._fire("end")
+
+        if config.restore_best and state["best_step"] is not None and state["status"] != "diverged":
+            best_path = self.run_dir / runs.BEST if self.run_dir is not None else None
+            if best_path is not None and best_path.exists():
+                _load_weights(self.model, torch.load(best_path, map_location="cpu", weights_only=True),
+                              self.trainable_only, best_path)
+            elif self.best_weights is not None:
+                _load_weights(self.model, self.best_weights, self.trainable_only, "the best weights")
+
+        record = self._record()
+        if self.run_dir is not None:
+            atomic_write_text(self.run_dir / runs.RECORD, json.dumps(record, indent=1, default=str) + "\n")
+        return record
+
+    def _loop(self) -> None:
+        config, state = self.config, self.state
+        while state["epoch"] < config.epochs and state["step"] < self.total_steps and state["status"] == "running":
+            order = epoch_order(self.n_train, config.seed, state["epoch"])
+            while state["batch"] < self.batches_per_epoch and state["step"] < self.total_steps:
+                self._step(order)
+                self._fire("step")
                 if config.evaluate and config.eval_every and state["step"] % config.eval_every == 0:
-                    run_evaluation()
+                    self._evaluate()
                     if config.patience is not None and state["bad_evals"] >= config.patience:
                         state["status"] = "early_stopped"
-                        save_checkpoint()  # so that resuming this run does not train on
+                        self._save_checkpoint()  # so that resuming this run does not train on
                         break
                 elif config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
-                    save_checkpoint()
+                    self._save_checkpoint()
 
             if state["status"] != "running":
                 break
-            if state["batch"] >= batches_per_epoch:  # the epoch is complete
+            if state["batch"] >= self.batches_per_epoch:  # the epoch is complete
                 mean_loss = state["epoch_loss"] / max(state["epoch_batches"], 1)
                 state["epochs"].append({"epoch": state["epoch"] + 1, "step": state["step"], "train_loss": mean_loss})
                 evaluated_now = bool(state["evals"]) and state["evals"][-1]["step"] == state["step"]
                 if config.evaluate and not config.eval_every and not evaluated_now:
-                    entry = run_evaluation(save=False)  # saved just below, with the epoch counted
+                    entry = self._evaluate(save=False)  # saved just below, with the epoch counted
                     state["epochs"][-1].update({k: v for k, v in entry.items() if k not in ("step", "epoch")})
                 state["epoch"] += 1
                 state["batch"], state["epoch_loss"], state["epoch_batches"] = 0, 0.0, 0
                 if config.patience is not None and state["bad_evals"] >= config.patience:
                     state["status"] = "early_stopped"
-                save_checkpoint()
+                self._save_checkpoint()
         if state["status"] == "running":
             state["status"] = "completed"
             if config.evaluate and (not state["evals"] or state["evals"][-1]["step"] != state["step"]):
-                run_evaluation()  # e.g. max_steps stopped mid-epoch: the record still ends on a dev score
-            save_checkpoint()
-    except _Interrupted as err:
-        state["status"] = "diverged"
-        kept = "no checkpoint was written yet" if checkpoint_path is None or not checkpoint_path.exists() else \
-            f"the last good checkpoint {checkpoint_path} is kept"
-        message = f"stopped: {err} (non-finite); {kept}. Try a lower lr, grad_clip, or amp=None."
-        state["message"] = message
-        print(message)
-    finally:
-        bar.close()
-        state["train_time"] = train_time_before + (time.perf_counter() - start)
+                self._evaluate(save=False)  # e.g. max_steps stopped mid-epoch: the record still ends on a dev score
+            self._save_checkpoint()
 
-    if config.restore_best and state["best_step"] is not None and state["status"] != "diverged":
-        if best_path is not None and best_path.exists():
-            model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
-        elif best_weights is not None:
-            model.load_state_dict(best_weights)
+    def _step(self, order: list[int]) -> None:
+        """One optimizer step on the next batch; its time is training time (the loss.item() waits for the GPU)."""
+        config, state, optimizer = self.config, self.state, self.optimizer
+        t0 = time.perf_counter()
+        idx = order[state["batch"] * config.batch_size : (state["batch"] + 1) * config.batch_size]
+        batch = to_device(self.task.collate([self.task.train_set[i] for i in idx]), self.device)
+        with self._autocast():
+            loss = self.task.loss(self.model, batch)
+        if not torch.isfinite(loss):
+            raise _Interrupted(f"loss is {loss.item()} at step {state['step'] + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if config.grad_clip is not None:
+            self.scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
+            if not torch.isfinite(norm) and not self.scaler.is_enabled():  # fp16's scaler skips such steps
+                raise _Interrupted(f"gradient norm is {norm.item()} at step {state['step'] + 1}")
+        lrs = [group["lr"] for group in optimizer.param_groups]  # the lrs this step uses
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        value = loss.item()
+        state["train_time"] += time.perf_counter() - t0
 
-    record = make_record(model, task, config, state, device, run_name, resumed_from)
-    if run_dir is not None:
-        atomic_write_text(run_dir / "record.json", json.dumps(record, indent=1, default=str) + "\n")
-    return record
+        state["step"] += 1
+        state["batch"] += 1
+        state["epoch_loss"] += value
+        state["epoch_batches"] += 1
+        state["tokens"] += int(batch["attention_mask"].sum())
+        if state["step"] % config.log_every == 0 or state["step"] == 1:
+            state["loss_log"].append((state["step"], value))
+        self.loop.loss, self.loop.lrs = value, lrs
+        self.smooth = value if self.smooth is None else 0.9 * self.smooth + 0.1 * value
+        self.memory.sample()
+        self.bar.update(1)
+        self._show()
 
+    # ------------------------------------------------------------------------------------------ record
 
-def make_record(model, task, config: TrainConfig, state: dict, device, run_name: str, resumed_from) -> dict:
-    """The run record: config, dev metrics per evaluation and per epoch, speed, memory, sizes, versions."""
-    trainable, total = count_parameters(model)
-    seconds = state["train_time"]
-    return {
-        "run_name": run_name,
-        "task": task.describe(),
-        "status": state["status"],
-        "message": state.get("message"),
-        "config": asdict(config),
-        "steps": state["step"],
-        "best_metric": {"name": task.metric, "value": state["best"], "step": state["best_step"]},
-        "final": state["evals"][-1] if state["evals"] else None,
-        "evals": state["evals"],
-        "epochs": state["epochs"],
-        "loss_log": state["loss_log"],
-        "wall_time_s": seconds,
-        "it_per_s": state["step"] / seconds if seconds else None,
-        "tokens_per_s": state["tokens"] / seconds if seconds else None,
-        "peak_memory_mb": peak_memory_mb(device),
-        "params": {"trainable": trainable, "total": total},
-        "seed": config.seed,
-        "device": str(device),
-        "resumed_from_step": resumed_from,
-        "versions": versions(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    def _record(self) -> dict:
+        """The run record: config, metrics per evaluation and epoch, times, speed, memory, sizes, versions."""
+        trainable, total = count_parameters(self.model)
+        state, config = self.state, self.config
+        seconds = state["train_time"]
+        return {
+            "run_name": self.run_name,
+            "run_dir": str(self.run_dir) if self.run_dir is not None else None,
+            "task": self.task.describe(),
+            "method": config.method,
+            "status": state["status"],
+            "message": state.get("message"),
+            "config": asdict(config),
+            "steps": state["step"],
+            "best_metric": {"name": self.task.metric, "value": state["best"], "step": state["best_step"]},
+            "final": state["evals"][-1] if state["evals"] else None,
+            "evals": state["evals"],
+            "epochs": state["epochs"],
+            "loss_log": state["loss_log"],
+            "train_time_s": seconds,  # optimizer steps only (batches, forward, backward, update)
+            "eval_time_s": state["eval_time"],
+            "io_time_s": state["io_time"],  # writing checkpoints
+            "wall_time_s": state["wall_time"],  # all of it, every session of a resumed run
+            "it_per_s": state["step"] / seconds if seconds else None,
+            "tokens_per_s": state["tokens"] / seconds if seconds else None,
+            "tokens": state["tokens"],
+            "peak_memory_mb": state["peak_memory_mb"],
+            "peak_memory_how": self.memory.how + (" (the largest of the sessions of this resumed run)"
+                                                  if self.resumed_from is not None else ""),
+            "optimizer": {**self.optimizer_desc, "state_bytes": optimizer_state_bytes(self.optimizer)},
+            "params": {"trainable": trainable, "total": total},
+            "checkpoints": "trainable parameters only (frozen base fingerprinted)" if self.trainable_only
+            else "the whole model",
+            "start_fingerprint": self.start_fingerprint,
+            "seed": config.seed,
+            "device": str(self.device),
+            "resumed_from_step": self.resumed_from,
+            "resume_changes": self.resume_changes,
+            "versions": versions(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
