@@ -1,5 +1,6 @@
 """gpt2lab.generate against transformers' generate (greedy, beam search), KV cache vs no cache, sampling filters,
-argument errors, best-of-n, and notebook 02's checks on the reference, a stub and planted bugs."""
+argument errors, best-of-n, wrapped and compiled-like models, and notebook 02's checks on the reference, a stub and
+planted bugs."""
 
 from __future__ import annotations
 
@@ -181,6 +182,11 @@ def test_temperature_sharpens():
         (dict(do_sample=True, top_k=2.5), "top_k"),
         (dict(do_sample=True, temperature=0.0), "temperature"),
         (dict(temperature=-1.0), "temperature"),
+        (dict(do_sample=True, temperature=float("nan")), "temperature must be a finite number"),
+        (dict(do_sample=True, temperature=float("inf")), "temperature must be a finite number"),
+        (dict(temperature=float("nan")), "temperature must be a finite number"),
+        (dict(do_sample=True, top_p=float("nan")), r"top_p must be a number in \(0, 1\]"),
+        (dict(do_sample=True, top_k=True), "top_k"),
         (dict(num_beams=0), "num_beams"),
         (dict(num_beams=2, do_sample=True), "beam"),
         (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
@@ -192,8 +198,20 @@ def test_temperature_sharpens():
 )
 def test_bad_arguments_raise(models, kwargs, match):
     _, ours = models
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as err:
         G.generate(ours, _prompts(B=1, seed=12), 3, **kwargs)
+    assert "\n" not in str(err.value)  # one line
+
+
+def test_sampling_pieces_reject_nan():
+    logits = torch.zeros(1, 5)
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            G.apply_temperature(logits, bad)
+    with pytest.raises(ValueError, match="top_p"):
+        G.top_p_filter(logits, float("nan"))
+    with pytest.raises(ValueError, match="top_k"):
+        G.top_k_filter(logits, 0)
 
 
 def test_length_and_type_errors(models):
@@ -204,10 +222,98 @@ def test_length_and_type_errors(models):
         G.generate(ours, _prompts(B=1, seed=13), -1)
     with pytest.raises(ValueError, match="LongTensor"):
         G.generate(ours, torch.zeros(1, 3), 2)
-    with pytest.raises(TypeError, match="GPT2"):
+    with pytest.raises(TypeError, match=r"cannot generate with Linear \(generate calls model\(input_ids") as err:
         G.generate(torch.nn.Linear(2, 2), _prompts(B=1), 2)
+    assert "\n" not in str(err.value)
+    with pytest.raises(TypeError, match=r"expected logits \(1, 6, 50257\), got \(1, 6, 64\)"):
+        G.generate(_Forwards(ours, return_hidden=True), _prompts(B=1), 2)  # hidden states are not logits
+    with pytest.raises(TypeError, match="generate expects a model called as"):
+        G.generate("gpt2", _prompts(B=1), 2)
     assert G.generate(ours, _prompts(B=1, seed=13)[0], 2).shape == (1, 8)  # a 1-D prompt is one row
     assert torch.equal(G.generate(ours, _prompts(B=2, seed=13), 0), _prompts(B=2, seed=13))
+
+
+# ------------------------------------------------------------------------------------- wrapped and compiled models
+
+
+class _Forwards(torch.nn.Module):
+    """A module that holds a GPT2 and forwards to it (an adapter wrapper); notes the keywords of every call."""
+
+    def __init__(self, inner, **fixed):
+        super().__init__()
+        self.inner, self.fixed, self.calls = inner, fixed, []
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        self.calls.append(sorted(kwargs))
+        return self.inner(input_ids, attention_mask, **kwargs, **self.fixed)
+
+
+class _CompiledLike(torch.nn.Module):
+    """Stands in for torch.compile's OptimizedModule (whose compile takes ~20 s on a CPU): `_orig_mod` holds the
+    model, and calls go through a function of its own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod = model
+        self.forward_fn = model.forward
+
+    def forward(self, *args, **kwargs):
+        return self.forward_fn(*args, **kwargs)
+
+
+class _TwoModels(torch.nn.Module):
+    """Holds two GPT2s (say a model and its EMA teacher): which one the cache is for is ambiguous."""
+
+    def __init__(self, model, other):
+        super().__init__()
+        self.model_a, self.model_b = model, other
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        self.calls.append(sorted(kwargs))
+        return self.model_a(input_ids, attention_mask, **kwargs)
+
+
+def test_find_gpt2(models):
+    _, ours = models
+    assert G.find_gpt2(ours) is ours
+    assert G.find_gpt2(_Forwards(ours)) is ours
+    assert G.find_gpt2(_CompiledLike(_Forwards(ours))) is ours
+    assert G.find_gpt2(torch.nn.DataParallel(ours)) is ours
+    assert G.find_gpt2(_TwoModels(ours, GPT2(GPT2Config.tiny()))) is None
+    assert G.find_gpt2(torch.nn.Linear(2, 2)) is None and G.find_gpt2("gpt2") is None
+
+
+@pytest.mark.parametrize("wrap", [_Forwards, _CompiledLike], ids=["wrapper", "compiled-like"])
+def test_wrapped_model_generates_like_the_bare_one(models, wrap):
+    _, ours = models
+    ids = _prompts(seed=20)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    wrapped = wrap(ours)
+    for kw in (dict(), dict(attention_mask=mask), dict(num_beams=3), dict(do_sample=True, top_k=50)):
+        bare = G.generate(ours, ids, 8, generator=torch.Generator().manual_seed(0), **kw)
+        got = G.generate(wrapped, ids, 8, generator=torch.Generator().manual_seed(0), **kw)
+        assert torch.equal(got, bare), kw
+    if isinstance(wrapped, _Forwards):  # the KV cache was used: one forward per token after the prompt
+        assert wrapped.calls[-1] == ["cache"]
+
+
+def test_without_a_known_gpt2_generation_recomputes_the_prefix(models):
+    _, ours = models
+    ids = _prompts(seed=21)
+    two = _TwoModels(ours, GPT2(GPT2Config.tiny()))
+    with pytest.raises(ValueError, match="n_positions"):  # the known wrapper still checks the length
+        G.generate(_Forwards(ours), ids, 64)
+    assert torch.equal(G.generate(two, ids, 10), G.generate(ours, ids, 10))
+    assert two.calls and all(call == [] for call in two.calls)  # no cache: every step ran on the whole prefix
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile")
+def test_torch_compile_model_is_recognised_without_compiling(models):
+    """torch.compile's wrapper keeps the model as `_orig_mod`; finding it needs no compilation (which is slow)."""
+    _, ours = models
+    assert G.find_gpt2(torch.compile(ours)) is ours
 
 
 def test_num_return_sequences_grouped_by_prompt(models):

@@ -220,8 +220,8 @@ class _Stepper:
     """Feeds the model one step at a time, with or without the KV cache; keeps the attention mask in step.
 
     The cache is laid out for the GPT2 found inside the model (`find_gpt2`); without one, no cache: each step re-runs
-    the whole prefix. A model that is not known to be GPT-2-like has its first call checked, so a module of the
-    wrong kind fails with one line instead of deep inside the loop.
+    the whole prefix. The first call's output is checked to be (B, T, vocab) logits, and a model with no GPT2 inside
+    that fails on it gets one line saying what generate expected, so a module of the wrong kind fails up front.
     """
 
     def __init__(self, model, input_ids, attention_mask, max_new_tokens: int, use_cache: bool):
@@ -231,7 +231,9 @@ class _Stepper:
         self.padded = attention_mask is not None and not bool(attention_mask.all())
         base = find_gpt2(model)
         self.cache = KVCache.for_model(base, B, T + max_new_tokens) if use_cache and base is not None else None
-        self.unchecked = base is None
+        self.known = base is not None  # a GPT2 inside: its errors are worth seeing as they are
+        self.vocab = base.config.vocab_size if base is not None else None
+        self.checked = False
 
     def logits(self, seqs: torch.Tensor, new: int) -> torch.Tensor:
         """Last-position logits (B, V) for `seqs` (B, T_total), of which the last `new` tokens are not yet seen."""
@@ -241,18 +243,22 @@ class _Stepper:
         return self._call(seqs[:, -new:], mask, cache=self.cache)[:, -1].float()
 
     def _call(self, ids: torch.Tensor, mask, **kwargs) -> torch.Tensor:
-        if not self.unchecked:
+        if self.checked:
             return self.model(ids, mask, **kwargs)
         what = f"{type(self.model).__name__} (generate calls model(input_ids, attention_mask) -> logits (B, T, vocab))"
         try:
             out = self.model(ids, mask, **kwargs)
         except Exception as err:  # noqa: BLE001 - re-raised with what generate expected, the cause chained
+            if self.known:
+                raise
             first = str(err).strip().split("\n")[0]
             raise TypeError(f"cannot generate with {what}: the call failed with {type(err).__name__}: {first}") from err
-        if not torch.is_tensor(out) or out.dim() != 3 or tuple(out.shape[:2]) != tuple(ids.shape):
+        expected = (*ids.shape, self.vocab or "vocab")
+        if not torch.is_tensor(out) or out.dim() != 3 or tuple(out.shape[:2]) != tuple(ids.shape) or (
+                self.vocab is not None and out.shape[-1] != self.vocab):  # fmt: skip
             got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-            raise TypeError(f"cannot generate with {what}: expected logits {(*ids.shape, 'vocab')}, got {got}")
-        self.unchecked = False
+            raise TypeError(f"cannot generate with {what}: expected logits {expected}, got {got}")
+        self.checked = True
         return out
 
     def append(self, n_rows: int) -> None:
