@@ -402,3 +402,54 @@ def test_cloze_loss_rejects_labels_of_the_wrong_shape():
     logits = torch.zeros(2, 3, 50257)
     with pytest.raises(ValueError, match="one 0/1 label per row"):
         tasks.cloze_loss(logits, torch.ones(2, 3, dtype=torch.long), torch.tensor([[1], [0]]))
+
+
+# ------------------------------------------------------------------------------ wrapped models, progress bars
+
+
+class Forwards(torch.nn.Module):
+    """A module that holds a GPT2 and forwards to it, with GPT2's whole forward signature (an adapter wrapper)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.inner(input_ids, attention_mask, **kwargs)
+
+
+def test_tasks_accept_a_wrapped_model(sonnet_task, paraphrase_task):
+    model = tiny_model(seed=6).eval()
+    wrapped = Forwards(model)
+    for task in (sonnet_task, paraphrase_task):
+        batch = task.collate(task.train_set[:3])
+        embeds = task.embeddings(wrapped, batch)  # the token embedding of the GPT2 inside
+        torch.testing.assert_close(embeds, task.embeddings(model, batch), atol=0, rtol=0)
+        with torch.no_grad():
+            expected = task.loss(model, batch).item()
+            assert task.loss(wrapped, batch).item() == pytest.approx(expected, abs=1e-6)
+            assert task.loss(wrapped, batch, inputs_embeds=embeds).item() == pytest.approx(expected, abs=1e-6)
+    greedy = dict(do_sample=False)
+    assert sonnet_task.generate(wrapped, **greedy) == sonnet_task.generate(model, **greedy)
+    assert paraphrase_task.predict(wrapped, PAIRS) == paraphrase_task.predict(model, PAIRS)
+
+
+def test_long_evaluations_show_a_progress_bar(paraphrase_task, sonnet_task, monkeypatch, capsys):
+    model = tiny_model(seed=7)
+    monkeypatch.setenv("GPT2LAB_QUICK", "0")
+    paraphrase_task.predict(model, PAIRS)  # default: a bar outside quick mode
+    assert "4/4" in capsys.readouterr().err
+    paraphrase_task.evaluate(model, progress=False)
+    assert capsys.readouterr().err == ""
+    sonnet_task.evaluate(model)
+    assert "sonnet" in capsys.readouterr().err
+    monkeypatch.setenv("GPT2LAB_QUICK", "1")  # quick mode: silent unless asked
+    paraphrase_task.evaluate(model)
+    sonnet_task.generate(model)
+    assert capsys.readouterr().err == ""
+    paraphrase_task.predict(model, PAIRS, progress=True)
+    assert "pair" in capsys.readouterr().err
+    quiet = tasks.ParaphraseTask(paraphrase_task.tokenizer, PAIRS, PAIRS, max_length=128, progress=False)
+    monkeypatch.setenv("GPT2LAB_QUICK", "0")
+    quiet.evaluate(model)  # the task's own setting (what train(), which calls evaluate(model), gets)
+    assert capsys.readouterr().err == ""
