@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 
 import pytest
 
@@ -164,33 +165,132 @@ def test_data_dir_from_environment(tmp_path, monkeypatch):
 def test_info_lists_missing_files(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GPT2LAB_DATA", str(tmp_path))
     (tmp_path / "sonnets.txt").write_text("x")
+    assert data.main(["info"]) == 1
+    out = capsys.readouterr().out
+    assert "1 bytes  sonnets.txt  truncated: 1 bytes, expected 81,032" in out
+    assert "missing  quora-dev.csv" in out and "gpt2lab.data download" in out
+
+
+# ------------------------------------------------------------------------------------ damaged copies
+
+
+@pytest.fixture
+def data_copy(tmp_path, monkeypatch, sonnet_data, quora_data, tokenizer):
+    """A temporary GPT2LAB_DATA holding copies of the real files, to damage."""
+    for name, _ in data.describe_data_dir():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sonnet_data / name, tmp_path / name)
+    monkeypatch.setenv("GPT2LAB_DATA", str(tmp_path))
+    return tmp_path
+
+
+def test_info_verifies_real_files(sonnet_data, quora_data, tokenizer, capsys):
     assert data.main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "1 bytes  sonnets.txt" in out and "missing  quora-dev.csv" in out and "gpt2lab.data download" in out
+    files = out.splitlines()[1:]
+    assert len(files) == 9 and "  gpt2-tokenizer/merges.txt  ok" in out
+    # the full training split (downloaded) has no checksum on record; the offline subset does
+    assert all(line.endswith(("  ok", "  ok (the offline subset: first 14,139 rows)", "(no checksum on record)"))
+               for line in files), out
+
+
+def test_info_reports_truncated_and_damaged_files_with_the_fix(data_copy, capsys):
+    sonnets = data_copy / "sonnets.txt"
+    sonnets.write_bytes(sonnets.read_bytes()[:40_000])  # an interrupted copy
+    merges = data_copy / "gpt2-tokenizer" / "merges.txt"
+    raw = bytearray(merges.read_bytes())
+    raw[1000] ^= 1  # same size, one bit flipped
+    merges.write_bytes(bytes(raw))
+    assert data.main(["info"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    fix = "`python -m gpt2lab.data download` fetches it again"
+    assert f"     40,000 bytes  sonnets.txt  truncated: 40,000 bytes, expected 81,032; {fix}" in lines
+    assert f"    456,318 bytes  gpt2-tokenizer/merges.txt  damaged: sha256 differs from the download; {fix}" in lines
+    assert sum("  ok" in line for line in lines) == 7
+    assert data.verify("quora-dev.csv") == (True, "ok")
+
+
+def test_loading_a_file_of_the_wrong_size_warns_once(data_copy, capsys):
+    sonnets = data_copy / "sonnets.txt"
+    text = sonnets.read_text()
+    sonnets.write_text(text[: text.index("\n40\n")])  # cut at a sonnet boundary: it still parses
+    assert len(data.load_sonnets("train")) == 39
+    err = capsys.readouterr().err.strip()
+    size = sonnets.stat().st_size
+    assert "\n" not in err and f"sonnets.txt has {size:,} bytes, not 81,032 (truncated or damaged?)" in err
+    assert len(data.load_sonnets("train")) == 39
+    assert capsys.readouterr().err == ""  # once per file
+    data.load_quora("test")
+    assert capsys.readouterr().err == ""  # a file of the right size says nothing
+
+
+def test_quora_file_with_non_utf8_bytes_names_the_line(data_copy):
+    path = data_copy / "quora-dev.csv"
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"\t", b"\tCaf\xe9 ", 1)  # latin-1 e-acute, as a spreadsheet re-save leaves
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(data.DataError) as err:
+        data.load_quora("dev")
+    message = str(err.value)
+    assert message.startswith("quora-dev.csv: line 3, column ") and "byte 0xe9 is not UTF-8" in message
+    assert "python -m gpt2lab.data download --force" in message and "\n" not in message
+
+
+def test_download_offline_is_one_line_saying_where_to_put_the_files(tmp_path, monkeypatch, capsys):
+    """A real connection attempt to a closed local port: refused at once, no network involved."""
+    monkeypatch.setenv("GPT2LAB_DATA", str(tmp_path))
+    monkeypatch.setattr(data, "DOWNLOADS", {"sonnets.txt": data.Source("http://127.0.0.1:9/sonnets.txt", 5, None)})
+    assert data.main(["download"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: network unreachable (")
+    assert "fetching sonnets.txt" in err and f"copy the files into {tmp_path}" in err and "GPT2LAB_DATA" in err
+    assert list(tmp_path.iterdir()) == []  # no .part left behind
+
+    def http_404(url, timeout):
+        raise data.urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", http_404)
+    assert data.main(["download"]) == 1
+    assert "sonnets.txt: the server answered HTTP 404 for http://127.0.0.1:9/sonnets.txt" in capsys.readouterr().err
+
+
+class FakeResponse:
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self):
+        return self.body
 
 
 def test_download_is_atomic_and_checks_sha(tmp_path, monkeypatch):
     """download() with a fake fetcher (tests never reach the network): a bad checksum keeps nothing."""
     monkeypatch.setenv("GPT2LAB_DATA", str(tmp_path))
-    monkeypatch.setattr(data, "DOWNLOADS", {"a.txt": ("https://example.invalid/a", "0" * 16)})
-
-    class FakeResponse:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def read(self):
-            return b"hello"
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse())
+    monkeypatch.setattr(data, "DOWNLOADS", {"a.txt": data.Source("https://example.invalid/a", 5, "0" * 64)})
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse(b"hello"))
     with pytest.raises(data.DataError, match="a.txt: checksum mismatch"):
         data.download()
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(data, "DOWNLOADS", {"sub/a.txt": ("https://example.invalid/a", None)})
+    monkeypatch.setattr(data, "DOWNLOADS", {"sub/a.txt": data.Source("https://example.invalid/a", None, None)})
     data.download()
     assert (tmp_path / "sub" / "a.txt").read_bytes() == b"hello"
+
+
+def test_download_fetches_a_truncated_file_again(data_copy, monkeypatch, capsys):
+    good = (data_copy / "sonnets.txt").read_bytes()
+    (data_copy / "sonnets.txt").write_bytes(good[:100])
+    fetched = []
+    monkeypatch.setattr(data, "DOWNLOADS", {k: data.DOWNLOADS[k] for k in ("sonnets.txt", "quora-dev.csv")})
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: fetched.append(url) or FakeResponse(good))
+    data.download()
+    assert fetched == [data.DOWNLOADS["sonnets.txt"].url]  # quora-dev.csv verifies: skipped
+    assert (data_copy / "sonnets.txt").read_bytes() == good
+    assert "[skip] quora-dev.csv (present)" in capsys.readouterr().out
 
 
 def test_shown_path_is_relative_in_or_beside_the_repo(tmp_path):

@@ -3,7 +3,7 @@
 Built in notebook 00 (welcome), §2. The directory comes from GPT2LAB_DATA (default <repo>/data); every
 loader validates what it reads and says in one line what is wrong and how to fix it.
 
-    python -m gpt2lab.data info        what is present, where
+    python -m gpt2lab.data info        what is present, where, and whether each file verifies (size, sha256)
     python -m gpt2lab.data download    fetch the public files into the data directory (needs internet)
 """
 
@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import unicodedata
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,17 +39,40 @@ _QUORA_TEST_SRC = "https://raw.githubusercontent.com/yichang-yang/cs224n_gpt/c54
 _QUORA_DEV_SRC = "https://raw.githubusercontent.com/gpoesia/minbert-default-final-project/571f43439d622b9443b984b09b1ee439b7f873df/data/"
 _QUORA_TRAIN_SRC = "https://raw.githubusercontent.com/VoidMercy/minbert-default-final-project/2a5fa9e/data/"
 _TOKENIZER_SRC = "https://huggingface.co/openai-community/gpt2/resolve/main/"
-# file in the data dir -> (url, first 16 hex digits of its sha256, or None where the online copy is larger)
+
+@dataclass(frozen=True)
+class Source:
+    """Where a data file comes from and what it must be: size in bytes and sha256 (None where not on record)."""
+
+    url: str
+    size: int | None
+    sha256: str | None
+
+
+# file in the data dir -> its source. quora-train.csv online is the full split, whose checksum is not on record.
 DOWNLOADS = {
-    "sonnets.txt": (_SONNETS_SRC + "sonnets.txt", "1e97adb7182237e4"),
-    "sonnets_held_out_dev.txt": (_SONNETS_SRC + "sonnets_held_out_dev.txt", "309ae8da81a24de6"),
-    "TRUE_sonnets_held_out_dev.txt": (_SONNETS_SRC + "TRUE_sonnets_held_out_dev.txt", "fb41ee87e70107f5"),
-    "sonnets_held_out.txt": (_SONNETS_SRC + "sonnets_held_out.txt", "daf7afd5d932acbe"),
-    "quora-train.csv": (_QUORA_TRAIN_SRC + "quora-train.csv", None),
-    "quora-dev.csv": (_QUORA_DEV_SRC + "quora-dev.csv", "bfa3cc954a9ba300"),
-    "quora-test-student.csv": (_QUORA_TEST_SRC + "quora-test-student-30.csv", "55ca417ee53f0d02"),
-    "gpt2-tokenizer/vocab.json": (_TOKENIZER_SRC + "vocab.json", "196139668be63f3b"),
-    "gpt2-tokenizer/merges.txt": (_TOKENIZER_SRC + "merges.txt", "1ce1664773c50f3e"),
+    "sonnets.txt": Source(_SONNETS_SRC + "sonnets.txt", 81_032,
+                          "1e97adb7182237e431bff16d207c7c1400391cce7a6417df06080205d9257237"),
+    "sonnets_held_out_dev.txt": Source(_SONNETS_SRC + "sonnets_held_out_dev.txt", 1_910,
+                                       "309ae8da81a24de61a261c291c1299f5c6bfbf4e6b7d1d5b50bd15b6c1770afd"),
+    "TRUE_sonnets_held_out_dev.txt": Source(_SONNETS_SRC + "TRUE_sonnets_held_out_dev.txt", 7_757,
+                                            "fb41ee87e70107f554b658c8de07a6ae905298db09da84794dfaa2a61e892a1f"),
+    "sonnets_held_out.txt": Source(_SONNETS_SRC + "sonnets_held_out.txt", 1_888,
+                                   "daf7afd5d932acbe584d8c6e78c2669f9e97aa4967579d85ed4975b22ae33071"),
+    "quora-train.csv": Source(_QUORA_TRAIN_SRC + "quora-train.csv", None, None),
+    "quora-dev.csv": Source(_QUORA_DEV_SRC + "quora-dev.csv", 3_205_321,
+                            "bfa3cc954a9ba300ae776a980141de65f622a3c1b97e3fd905d63245bc36d5ad"),
+    "quora-test-student.csv": Source(_QUORA_TEST_SRC + "quora-test-student-30.csv", 4_714,
+                                     "55ca417ee53f0d02c3e627dfb88c070800706cb4347f8108f72ea124d97572c4"),
+    "gpt2-tokenizer/vocab.json": Source(_TOKENIZER_SRC + "vocab.json", 1_042_301,
+                                        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "gpt2-tokenizer/merges.txt": Source(_TOKENIZER_SRC + "merges.txt", 456_318,
+                                        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+# Copies that are right although they differ from the download: the offline development copy (data/README.md).
+KNOWN_SUBSETS = {
+    "quora-train.csv": (2_244_169, "9084a3616a0bd15c2a60afe31593f17ce5a6ee7d7481b03ddaba0ee82a234e88",
+                        "the offline subset: first 14,139 rows"),
 }
 
 
@@ -73,13 +97,49 @@ def shown_path(path: Path) -> str:
 
 
 def data_path(name: str) -> Path:
-    """Path of a data file, or DataFileMissing in one line that says how to get it."""
+    """Path of a data file, or DataFileMissing in one line that says how to get it.
+
+    A file whose size differs from the download manifest gets one warning line (once per file): a cheap check
+    on every load; `python -m gpt2lab.data info` verifies the sha256 too.
+    """
     path = data_dir() / name
     if not path.exists():
         raise DataFileMissing(
             f"{name} not found in {path.parent} (set {DATA_ENV} to the folder that holds it, or run `{FETCH_HINT}`)"
         )
+    warn_if_resized(name, path)
     return path
+
+
+_warned: set[Path] = set()
+
+
+def warn_if_resized(name: str, path: Path) -> bool:
+    """Print one line to stderr (once per file) if `path` is not the size the manifest lists for `name`."""
+    source, subset = DOWNLOADS.get(name), KNOWN_SUBSETS.get(name)
+    if source is None or source.size is None or path in _warned:
+        return False
+    size = path.stat().st_size
+    if size == source.size or (subset and size == subset[0]):
+        return False
+    _warned.add(path)
+    print(f"warning: {shown_path(path)} has {size:,} bytes, not {source.size:,} (truncated or damaged?); "
+          f"`python -m gpt2lab.data info` checks it, `{FETCH_HINT}` re-fetches it", file=sys.stderr)
+    return True
+
+
+def read_text(path: Path, name: str) -> str:
+    """A data file as UTF-8 text; bytes that are not UTF-8 give DataError naming the line and what to do."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{name}: line {line}, column {column}: byte 0x{raw[err.start]:02x} is not UTF-8 (damaged, or re-saved "
+            f"in another encoding); re-fetch it with `{FETCH_HINT} --force`, or save it again as UTF-8"
+        ) from None
 
 
 def describe_data_dir() -> list[tuple[str, bool]]:
@@ -138,7 +198,7 @@ def load_sonnets(split: str = "train", gold: bool = False) -> list[Sonnet]:
         raise ValueError("gold=True exists only for split='dev' (the test sonnets were never published)")
     name = SONNET_FILES["dev_gold" if gold else split]
     path = data_path(name)
-    return parse_sonnets(path.read_text(encoding="utf-8"), source=name)
+    return parse_sonnets(read_text(path, name), source=name)
 
 
 # ------------------------------------------------------------------------------------------------- quora
@@ -266,7 +326,7 @@ def load_quora(split: str = "train", limit: int | None = None, verbose: bool = T
     if split not in QUORA_FILES:
         raise ValueError(f"split must be one of {sorted(QUORA_FILES)}, not {split!r}")
     name = QUORA_FILES[split]
-    result = parse_quora(data_path(name).read_text(encoding="utf-8"), source=name, labelled=split != "test")
+    result = parse_quora(read_text(data_path(name), name), source=name, labelled=split != "test")
     if verbose and result.bad_rows:
         print(result.report(), file=sys.stderr)
     if limit is not None:
@@ -287,37 +347,85 @@ def duplicate_rate(pairs) -> float:
 # -------------------------------------------------------------------------------------- command line
 
 
-def sha256_prefix(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(name: str, path: Path | None = None) -> tuple[bool, str]:
+    """(usable?, what it is) for a data file: size first (cheap, catches truncation), then sha256."""
+    path = path or data_dir() / name
+    if not path.is_file():
+        return False, "missing"
+    size, source, subset = path.stat().st_size, DOWNLOADS.get(name), KNOWN_SUBSETS.get(name)
+    if subset and size == subset[0] and sha256(path) == subset[1]:
+        return True, f"ok ({subset[2]})"
+    if source is None or source.sha256 is None:
+        return True, "present (no checksum on record)"
+    if source.size is not None and size != source.size:
+        return False, f"{'truncated' if size < source.size else 'too long'}: {size:,} bytes, expected {source.size:,}"
+    if sha256(path) != source.sha256:
+        return False, "damaged: sha256 differs from the download"
+    return True, "ok"
 
 
 def download(force: bool = False) -> None:
-    """Fetch every course file into the data directory (needs internet access; tests never call it)."""
+    """Fetch the course files into the data directory (needs internet; tests never call it for real).
+
+    A present file is kept if it verifies (see verify()); a missing, truncated or damaged one is fetched again.
+    Offline, the first failure stops with one line saying where to put the files by hand.
+    """
     root = data_dir()
-    for name, (url, sha_prefix) in DOWNLOADS.items():
+    for name, source in DOWNLOADS.items():
         target = root / name
-        if target.exists() and not force:
+        if target.exists() and not force and verify(name, target)[0]:
             print(f"[skip] {name} (present)")
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(target.suffix + ".part")
-        print(f"[get ] {name} <- {url}")
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-            out.write(response.read())
-        if sha_prefix and sha256_prefix(tmp) != sha_prefix:
+        print(f"[get ] {name} <- {source.url}")
+        try:
+            with urllib.request.urlopen(source.url, timeout=60) as response, open(tmp, "wb") as out:
+                out.write(response.read())
+        except urllib.error.HTTPError as err:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"{name}: the server answered HTTP {err.code} for {source.url}; try again later, or "
+                            f"copy the file there by hand into {shown_path(root)}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            tmp.unlink(missing_ok=True)
+            reason = getattr(err, "reason", err)
+            raise DataError(f"network unreachable ({reason}) fetching {name}: on a machine that is online run "
+                            f"`{FETCH_HINT}` and copy the files into {shown_path(root)} (names in data/README.md), "
+                            f"or point {DATA_ENV} at a folder that has them") from None
+        ok, state = verify(name, tmp)
+        if not ok:
             tmp.unlink()
-            raise DataError(f"{name}: checksum mismatch after download from {url}; the file was not kept")
+            raise DataError(f"{name}: checksum mismatch after download from {source.url} ({state}); "
+                            "the file was not kept")
         tmp.replace(target)  # atomic: an interrupted download never leaves a half file under the real name
 
 
-def info() -> None:
+def info() -> bool:
+    """Print every data file with its size and whether it verifies; True if all are present and sound."""
     root = data_dir()
     print(f"data directory: {root}  ({'from ' + DATA_ENV if os.environ.get(DATA_ENV) else 'default'})")
+    missing, damaged = [], []
     for name, present in describe_data_dir():
-        size = f"{(root / name).stat().st_size:>9,} bytes" if present else "  missing"
-        print(f"  {size}  {name}")
-    if not all(present for _, present in describe_data_dir()):
+        ok, state = verify(name, root / name)
+        if not present:
+            missing.append(name)
+            print(f"    missing  {name}")
+            continue
+        fix = "" if ok else f"; `{FETCH_HINT}` fetches it again"
+        print(f"  {(root / name).stat().st_size:>9,} bytes  {name}  {state}{fix}")
+        if not ok:
+            damaged.append(name)
+    if missing:
         print(f"fetch the missing files with `{FETCH_HINT}`, or point {DATA_ENV} at a folder that has them")
+    return not (missing or damaged)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,9 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     get.add_argument("--force", action="store_true", help="download again even if present")
     args = parser.parse_args(argv)
     if args.command == "info":
-        info()
-    else:
+        return 0 if info() else 1
+    try:
         download(force=args.force)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
