@@ -485,10 +485,14 @@ def test_adamw_update_check_catches_bugs(bug, hint):
     assert not result and hint in str(result), str(result)
 
 
-@pytest.mark.parametrize("bug", ["coupled", "no_bias_correction", "decay_after"])
-def test_adamw_optimizer_check_catches_bugs(bug):
+@pytest.mark.parametrize("bug, hint", [
+    ("coupled", "L2 decay added to the gradient"),
+    ("no_bias_correction", "bias correction is missing"),
+    ("decay_after", "after the Adam update"),
+])
+def test_adamw_optimizer_check_catches_bugs(bug, hint):  # more planted mistakes in test_checks_adamw.py
     result = check.adamw_optimizer(lambda params, **kw: NaiveAdamW(params, bug=bug, **kw))
-    assert not result and "parameters after 100 steps" in str(result)
+    assert not result and hint in str(result), str(result)
 
 
 def test_adamw_optimizer_check_rejects_a_non_optimizer():
