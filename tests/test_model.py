@@ -195,7 +195,7 @@ def test_one_clear_error_naming_bad_keys(tmp_path):
 
 
 def test_missing_folder_and_weights(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no folder"):
+    with pytest.raises(FileNotFoundError, match="local folder .*deeper: not there"):
         GPT2.from_pretrained(tmp_path / "nope" / "deeper")
     (tmp_path / "config.json").write_text(json.dumps({"n_layer": 1, "n_embd": 32, "n_head": 2}))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
@@ -227,26 +227,32 @@ def test_dropout_only_in_training(tmp_path):
 
 
 def test_hub_names_go_through_snapshot_download(tmp_path, monkeypatch):
-    """No network in tests: the hub call is replaced; we check the repo id used and the error on failure."""
+    """No network in tests: the hub call is replaced; the name is used as given, cache first, then one download."""
     import huggingface_hub
+
+    from gpt2lab import weights
 
     ref = hf_tiny(15)
     ref.save_pretrained(tmp_path / "snap")
     asked = []
 
-    def fake_download(repo, allow_patterns=None):
-        asked.append(repo)
+    def fake_download(repo, allow_patterns=None, local_files_only=False, **kw):
+        asked.append((repo, local_files_only))
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
         return str(tmp_path / "snap")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.setattr(weights, "hub_unreachable", lambda: None)  # the probe would touch the network
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     ours = GPT2.from_pretrained("gpt2", dropout=0.0).eval()
-    assert asked == ["openai-community/gpt2"] and ours.config.n_layer == 2 and ours.config.dropout == 0.0
+    assert asked == [("gpt2", True), ("gpt2", False)] and ours.config.n_layer == 2 and ours.config.dropout == 0.0
 
-    def offline(repo, allow_patterns=None):
+    def offline(repo, allow_patterns=None, **kw):
         raise OSError("hub unreachable")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(FileNotFoundError, match="pass a local folder"):
+    with pytest.raises(weights.WeightsUnavailable, match="OSError: hub unreachable.*GPT2LAB_WEIGHTS"):
         GPT2.from_pretrained("gpt2-medium")
 
 
@@ -320,3 +326,54 @@ def test_lm_loss_ignores_padding_on_either_side():
     expected = torch.stack(terms).mean()
     torch.testing.assert_close(losses["right"], expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(losses["left"], expected, rtol=0, atol=1e-5)
+
+
+def _one_line_error(fn) -> str:
+    with pytest.raises(ValueError) as err:
+        fn()
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_token_ids_outside_the_vocabulary_give_one_line(models):
+    """A tokenizer with a bigger vocabulary (or -100 labels fed as inputs) used to end in 'index out of range in
+    self'. Checked with and without a mask, and on a cached generation step."""
+    _, ours = models
+    ids = _batch(seed=17, B=2, T=6)
+    ids[1, 3] = 50257
+    msg = _one_line_error(lambda: ours(ids))
+    assert msg.startswith("input_ids[1, 3] is 50257, outside [0, 50257) (vocab_size 50257 of this model")
+    assert "tokenizer with a different vocabulary" in msg
+    ids[1, 3], ids[0, 5] = 7, -100
+    msg = _one_line_error(lambda: ours(ids, torch.ones_like(ids)))
+    assert msg.startswith("input_ids[0, 5] is -100, outside [0, 50257)") and "-100" in msg.split(":")[-1]
+    cache = KVCache.for_model(ours, batch_size=1, max_length=8)
+    with torch.no_grad():
+        ours(ids[:1, :4], cache=cache)
+    msg = _one_line_error(lambda: ours(torch.tensor([[60000]]), torch.ones(1, 5), cache=cache))
+    assert msg.startswith("input_ids[0, 0] is 60000")
+
+
+def test_mask_values_other_than_0_and_1_give_one_line(models):
+    _, ours = models
+    ids = _batch(seed=18, B=2, T=5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 2, 1]])  # a 2 would silently shift the positions
+    msg = _one_line_error(lambda: ours(ids, mask))
+    assert msg.startswith("attention_mask[1, 3] is 2: the mask must hold only 1 (real token) and 0 (padding)")
+    half = torch.ones(2, 5)
+    half[0, 0] = 0.5
+    assert "attention_mask[0, 0] is 0.5" in _one_line_error(lambda: ours(ids, half))
+    with torch.no_grad():  # float 0./1. and boolean masks are fine and agree with the integer mask
+        good = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+        expected = ours(ids, good)
+        assert torch.equal(ours(ids, good.float()), expected)
+        assert torch.equal(ours(ids, good.bool()), expected)
+
+
+def test_bad_positions_and_dtypes_give_one_line(models):
+    _, ours = models
+    ids = _batch(seed=19, B=1, T=3)
+    msg = _one_line_error(lambda: ours(ids, position_ids=torch.tensor([[0, 1, 64]])))
+    assert msg.startswith("position_ids[0, 2] is 64, outside [0, 64) (n_positions 64 of this model")
+    assert "torch.float32" in _one_line_error(lambda: ours(ids.float()))
