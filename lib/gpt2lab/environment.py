@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 QUICK_ENV = "GPT2LAB_QUICK"
+LIMIT_ENV = "GPT2LAB_LIMIT"
+RESULTS_ENV = "GPT2LAB_RESULTS"
+DEFAULT_WEIGHTS = "gpt2"  # the same default as gpt2lab.weights.DEFAULT (not imported: setup stays light)
+DEFAULT_RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 
 def quick_mode() -> bool:
@@ -48,35 +52,77 @@ def pick_device(prefer: str | None = None):
 
 @dataclass(frozen=True)
 class Setup:
-    """What `setup()` decided; notebooks read `cfg.device`, `cfg.quick`, `cfg.data_dir`, `cfg.seed`."""
+    """What `setup()` decided; notebooks read `cfg.device`, `cfg.quick`, `cfg.data_dir`, `cfg.seed`, `cfg.weights`,
+    `cfg.limit` and `cfg.results_dir`.
+
+    weights: the one weights setting (a hub name such as "gpt2" or a local folder), passed to every
+    `GPT2.from_pretrained` / `weights.load_reference` call. limit: $GPT2LAB_LIMIT, a cap on notebook 04's real-mode
+    sizes (training and dev examples, steps) for smoke runs; None means no cap. results_dir: where notebook 04 writes
+    its run folders in real mode.
+    """
 
     seed: int
     device: object  # torch.device
     quick: bool
     data_dir: Path
+    weights: str = DEFAULT_WEIGHTS
+    limit: int | None = None
+    results_dir: Path = DEFAULT_RESULTS
 
     def status_line(self) -> str:
         import torch
         import transformers
 
-        mode = "quick (tiny models, few steps)" if self.quick else "real"
         from .data import shown_path
+
+        mode = "quick (tiny models, few steps)" if self.quick else "real"
+        weights = Path(self.weights).expanduser()
+        weights = shown_path(weights.resolve()) if weights.is_dir() else self.weights
+        limit = f" | limit {self.limit}" if self.limit is not None else ""
         return (
             f"gpt2lab | python {platform.python_version()} | torch {torch.__version__} | "
-            f"transformers {transformers.__version__} | device {self.device} | mode {mode} | "
-            f"seed {self.seed} | data {shown_path(self.data_dir)}"
+            f"transformers {transformers.__version__} | device {self.device} | mode {mode}{limit} | "
+            f"seed {self.seed} | data {shown_path(self.data_dir)} | weights {weights}"
         )
 
 
-def setup(seed: int = 1337, device: str | None = None, verbose: bool = True) -> Setup:
-    """Seed everything, pick the device, read quick mode and the data directory; print one status line.
+def limit_from_env() -> int | None:
+    """$GPT2LAB_LIMIT as a positive int (a cap on notebook 04's real-mode sizes), or None when unset."""
+    raw = os.environ.get(LIMIT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{LIMIT_ENV}={raw!r} is not a positive whole number: set it to e.g. 50, or unset it")
+    return value
 
-    Built in notebook 00 (welcome), §1; the first code cell of every notebook.
+
+def results_dir() -> Path:
+    """$GPT2LAB_RESULTS, else <repo>/results: where notebook 04 writes its run folders in real mode."""
+    env = os.environ.get(RESULTS_ENV, "").strip()
+    return Path(env).expanduser().resolve() if env else DEFAULT_RESULTS
+
+
+def setup(
+    seed: int = 1337, device: str | None = None, verbose: bool = True, weights: str | os.PathLike | None = None
+) -> Setup:
+    """Seed everything, pick the device, read quick mode, the data directory, the weights setting, the size limit
+    and the results folder; print one status line.
+
+    Built in notebook 00 (welcome), §1; the first code cell of every notebook. `weights` (else $GPT2LAB_WEIGHTS,
+    else "gpt2") is a hub name or a local folder holding config.json and model.safetensors.
     """
     from .data import data_dir
+    from .weights import setting
 
     seed_everything(seed)
-    cfg = Setup(seed=seed, device=pick_device(device), quick=quick_mode(), data_dir=data_dir())
+    cfg = Setup(
+        seed=seed, device=pick_device(device), quick=quick_mode(), data_dir=data_dir(), weights=setting(weights),
+        limit=limit_from_env(), results_dir=results_dir(),
+    )  # fmt: skip
     if verbose:
         print(cfg.status_line())
     return cfg

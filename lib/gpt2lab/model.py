@@ -452,15 +452,13 @@ class GPT2(nn.Module):
         Built in notebook 02 (gpt2), §5. Weights go through `hf_key_map` (explicit names, Conv1D transposes);
         any missing, unexpected or mis-shaped key raises one `WeightLoadError` listing them all.
         """
-        folder = _resolve_folder(name_or_folder)
-        config_file = folder / "config.json"
+        from .weights import read_state_dict, resolve
+
+        folder: Path = resolve(name_or_folder)  # offline: one line of ours (WeightsUnavailable) within seconds
         overrides = {} if dropout is None else {"dropout": dropout}
-        if config_file.exists():
-            config = GPT2Config.from_hf_dict(json.loads(config_file.read_text()), **overrides)
-        else:
-            config = GPT2Config.from_name(Path(str(name_or_folder)).name, **overrides)
+        config = GPT2Config.from_hf_dict(json.loads((folder / "config.json").read_text()), **overrides)
         model = cls(config)
-        model.load_hf_state_dict(_read_weights(folder))
+        model.load_hf_state_dict(read_state_dict(folder))
         return model
 
     def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor]) -> None:
@@ -624,44 +622,6 @@ def _ignorable(key: str) -> bool:
     # lm_head.weight: tied to wte (some checkpoints store the copy); attn.bias / attn.masked_bias: causal-mask
     # buffers of older checkpoints, not parameters
     return key == "lm_head.weight" or key.endswith(".attn.bias") or key.endswith(".attn.masked_bias")
-
-
-def _resolve_folder(name_or_folder) -> Path:
-    path = Path(name_or_folder).expanduser()
-    if path.is_dir():
-        return path
-    name = str(name_or_folder)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists():
-        raise FileNotFoundError(f"no folder {path} with GPT-2 weights (config.json + model.safetensors)")
-    from huggingface_hub import snapshot_download  # only for hub names; tests always pass folders
-
-    repo = name if "/" in name else f"openai-community/{name}"
-    try:
-        return Path(
-            snapshot_download(repo, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"])
-        )
-    except Exception as err:
-        raise FileNotFoundError(
-            f"could not fetch GPT-2 weights {name!r} from the Hugging Face hub ({type(err).__name__}: {err}); "
-            "pass a local folder with config.json and model.safetensors instead"
-        ) from err
-
-
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else []
-    files = [folder / f for f in files] or list(folder.glob("model.safetensors"))
-    if files:
-        from safetensors.torch import load_file
-
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
-    binary = folder / "pytorch_model.bin"
-    if binary.exists():
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
 
 
 # ----------------------------------------------------------------------------------------------------------- loss
