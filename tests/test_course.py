@@ -293,6 +293,40 @@ def test_added_cell_and_unreadable_notebook_are_never_overwritten_without_force(
     assert backup.read_text() == damaged and [r.ok for r in course.check(solutions, notebooks)] == [True]
 
 
+def test_handout_from_before_the_record_is_regenerated_but_a_saved_one_is_not_guessed(course_dirs, lab_save):
+    """Notebooks written before `gpt2lab.handout` existed: untouched by an editor, they are the generator's own."""
+    solutions, notebooks = course_dirs
+    course.build(solutions=solutions, notebooks=notebooks)
+    path = notebooks / "01_demo.ipynb"
+    nb = nbformat.read(path, 4)
+    del nb.metadata["gpt2lab"]
+    path.write_text(course.render(nb))  # what the earlier generator wrote
+    write_solution(solutions, intro="Intro, revised")
+    assert "differs: solutions/ changed it" in course.check(solutions, notebooks)[0].detail
+    assert states(course.build(solutions=solutions, notebooks=notebooks)) == [("01_demo.ipynb", "regenerated")]
+    assert not (notebooks / course.BACKUPS).exists()  # nothing of a student's, so no backup
+    # the same, but opened and saved in JupyterLab: a changed cell may be the student's, so build refuses
+    path.write_text(course.render(nb))
+    lab_save(path)
+    write_solution(solutions, intro="Intro, revised twice")
+    report = course.check(solutions, notebooks)[0]
+    assert "differs (edited here, or solutions/ changed it)" in report.detail
+    assert course.build(solutions=solutions, notebooks=notebooks)[0].state == "refused"
+
+
+def test_exercise_changed_after_it_was_answered_is_stale_and_the_answer_kept(course_dirs, lab_save):
+    solutions, notebooks = course_dirs
+    course.build(solutions=solutions, notebooks=notebooks)
+    path = notebooks / "01_demo.ipynb"
+    lab_save(path, type_answer(1, ANSWER))
+    write_solution(solutions, cells=[CELL.replace("docs stay", "docs reworded")])
+    assert "solutions/ changed this exercise since you answered it" in course.check(solutions, notebooks)[0].detail
+    assert course.build(solutions=solutions, notebooks=notebooks)[0].detail.startswith("1 answers carried over")
+    assert nbformat.read(path, 4).cells[1].source == ANSWER
+    assert [(r.state, r.detail) for r in course.check(solutions, notebooks)] == [
+        ("in step", "holds your answers to 1 exercises")]
+
+
 def test_answer_survives_in_a_real_course_notebook(tmp_path, lab_save):
     """The same on a copy of notebook 00: answer both exercises, reword the solution's first cell, rebuild."""
     solutions, notebooks = tmp_path / "solutions", tmp_path / "notebooks"

@@ -228,6 +228,19 @@ def _recorded(student: nbformat.NotebookNode) -> dict | None:
     return None
 
 
+def read_student(path: Path) -> nbformat.NotebookNode:
+    """A student notebook; one still exactly as a generator without `gpt2lab.handout` wrote it gets its record.
+
+    Only our generator writes each source as one string (JupyterLab, nbclient and VS Code write lists of
+    lines), so a file equal to its own rendering was never saved by an editor: nothing in it is the student's.
+    """
+    student = read_notebook(path)
+    if _recorded(student) is None and path.read_text(encoding="utf-8") == render(student):
+        handout = {"cells": [cell_hash(c) for c in student.cells], "exercises": exercise_cells(student)}
+        student.metadata["gpt2lab"] = {"handout": handout}
+    return student
+
+
 def compare(student: nbformat.NotebookNode, handout: nbformat.NotebookNode) -> tuple[str | None, int]:
     """(why the student notebook is out of date, or None; how many exercise cells hold answers)."""
     exercises = set(exercise_cells(handout))
@@ -268,7 +281,7 @@ def check(solutions: Path = SOLUTIONS, notebooks: Path = NOTEBOOKS) -> list[Repo
             reports.append(Report(name, "missing", "run `make student`", ok=False))
             continue
         try:
-            problem, answers = compare(read_notebook(target), handout)
+            problem, answers = compare(read_student(target), handout)
         except CourseError as err:
             reports.append(Report(name, "unreadable", str(err), ok=False))
             continue
@@ -363,10 +376,7 @@ def _take(target, cell) -> None:
         target.execution_count = cell.get("execution_count")
 
 
-def _holds_work(student: nbformat.NotebookNode, handout: nbformat.NotebookNode) -> bool:
-    """Anything of the student's in it: a cell that differs, or outputs from running it."""
-    if [cell_hash(c) for c in student.cells] != [cell_hash(c) for c in handout.cells]:
-        return True
+def _has_outputs(student: nbformat.NotebookNode) -> bool:
     return any(c.get("outputs") or c.get("execution_count") for c in student.cells if c.cell_type == "code")
 
 
@@ -403,7 +413,7 @@ def build(force: bool = False, solutions: Path = SOLUTIONS, notebooks: Path = NO
             reports.append(Report(name, "unchanged"))
             continue
         try:
-            student = read_notebook(target)
+            student = read_student(target)
         except CourseError as err:
             if not force:
                 reports.append(Report(name, "refused", f"{err}; it may hold your work: fix it, or use --force", False))
@@ -413,7 +423,7 @@ def build(force: bool = False, solutions: Path = SOLUTIONS, notebooks: Path = NO
             reports.append(Report(name, "regenerated", f"the unreadable file was kept as {shown(saved)}"))
             continue
         problem, answers = compare(student, handout)
-        if problem is None and _holds_work(student, handout):
+        if problem is None and (answers or _has_outputs(student)):
             detail = f"your answers to {answers} exercises" if answers else "your outputs"
             reports.append(Report(name, "in step, left as you saved it", detail))
             continue
@@ -426,7 +436,7 @@ def build(force: bool = False, solutions: Path = SOLUTIONS, notebooks: Path = NO
             reports.append(Report(name, "refused", "; ".join(unplaced) + ". Nothing written: copy what you need, "
                                   "then run `make student FORCE=1` (keeps a backup)", False))
             continue
-        saved = backup(target) if _holds_work(student, handout) else None
+        saved = backup(target) if carried or unplaced or _has_outputs(student) else None  # anything of theirs
         _write(target, render(merged))
         detail = [f"{carried} answers carried over" if carried else "", f"not carried: {'; '.join(unplaced)}"
                   if unplaced else "", f"backup {shown(saved)}" if saved else ""]
