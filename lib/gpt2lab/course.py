@@ -286,7 +286,7 @@ def check(solutions: Path = SOLUTIONS, notebooks: Path = NOTEBOOKS) -> list[Repo
             reports.append(Report(name, "unreadable", str(err), ok=False))
             continue
         if problem:
-            detail = f"{problem}; run `make student` (it keeps your answers)"
+            detail = f"{problem}; run `make student` (it keeps your answers, or says why it cannot)"
             reports.append(Report(name, "out of date", detail, ok=False))
         else:
             reports.append(Report(name, "in step", f"holds your answers to {answers} exercises" if answers else ""))
