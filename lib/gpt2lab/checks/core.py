@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sysconfig
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,25 @@ def expect(condition: bool, message: str) -> None:
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # lib/gpt2lab: frames here are ours, not the student's
+# Python's own library (e.g. functools, contextlib): never the student's either
+_STDLIB_DIRS = tuple({str(Path(sysconfig.get_paths()[key]).resolve()) for key in ("stdlib", "platstdlib")})
+
+
+def _torch_dir() -> str:
+    import torch
+
+    return str(Path(torch.__file__).resolve().parent)
+
+
+def _is_student_file(filename: str) -> bool:
+    """True for the student's code (a notebook cell, a test, a script); False for frames of ours (lib/gpt2lab), of an
+    installed library (torch, anything under site-/dist-packages) or of Python's standard library."""
+    if filename.startswith("<") and not filename.startswith("<ipython-input"):
+        return False  # <frozen importlib...>, <string>: generated code, no line to show
+    path = str(Path(filename).resolve()) if not filename.startswith("<") else filename
+    if path.startswith(_PACKAGE_DIR) or "-packages" in path or path.startswith(_torch_dir()):
+        return False
+    return not any(path.startswith(d) for d in _STDLIB_DIRS)
 
 
 def _own_code(answer) -> set:
@@ -105,8 +125,7 @@ def earlier_stubs(answer):
     except NotImplementedError as err:
         tb, raiser = err.__traceback__, None
         while tb is not None:  # the innermost frame of the student's code (not ours, not a library's)
-            name = tb.tb_frame.f_code.co_filename
-            if not name.startswith(_PACKAGE_DIR) and "-packages" not in name:
+            if _is_student_file(tb.tb_frame.f_code.co_filename):
                 raiser = tb.tb_frame.f_code
             tb = tb.tb_next
         if raiser is not None and raiser not in _own_code(answer) and not raiser.co_name.startswith("<"):
@@ -116,11 +135,75 @@ def earlier_stubs(answer):
 
 
 def _last_user_frame(err: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_PACKAGE_DIR)]
+    """" (line N: the line)" of the innermost frame of the student's own code in err's traceback, "" if none.
+
+    An error raised deep inside torch (a shape mismatch in nn.Linear) is cited at the student's line that called
+    torch, never at `return forward_call(...)` in torch's module machinery.
+    """
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if _is_student_file(f.filename)]
     if not frames:
         return ""
     f = frames[-1]
-    return f" (line {f.lineno}: {f.line.strip()})" if f.line else ""
+    return f" (line {f.lineno}: {f.line.strip()})" if f.line else f" (line {f.lineno} of {Path(f.filename).name})"
+
+
+def gradients(output, params: dict) -> dict:
+    """Backpropagate a fixed random projection of `output` (any tensor the exercise returns) to `params`
+    ({name: tensor}); return {name: gradient, or None where none arrives}.
+
+    A check whose exercise is trained runs it with gradients on and compares these with the reference's
+    (`compare_gradients`): an answer built from `.data`, `.detach()` or under `torch.no_grad()` gives the right
+    numbers but trains nothing. The projection (seeded, so the same for the student's run and the reference's) makes
+    every output element matter, unlike `.sum()`, whose gradient is blind to, e.g., a permutation of the output.
+    """
+    import torch
+
+    names = list(params)
+    if not isinstance(output, torch.Tensor) or not output.requires_grad:
+        return dict.fromkeys(names)
+    weight = torch.randn(output.shape, generator=torch.Generator().manual_seed(0), dtype=output.dtype)
+    grads = torch.autograd.grad((output * weight.to(output.device)).sum(), [params[n] for n in names],
+                                allow_unused=True, retain_graph=True)  # the reference's run may share the inputs' graph
+    return dict(zip(names, grads))
+
+
+def compare_gradients(got: dict, expected: dict, atol: float = 1e-5) -> str:
+    """Compare `gradients(...)` of the student's output with the reference's; ✗ names the first parameter whose
+    gradient is missing ("did you use .data or .detach()?") or differs (element, expected vs got)."""
+    for name, exp in expected.items():
+        if exp is None:
+            continue
+        expect(got.get(name) is not None, f"no gradient reaches {name}: training would never update it (did you use "
+                                          f"`.data`, `.detach()` or `torch.no_grad()`?)")  # fmt: skip
+        compare(f"gradient of {name}", got[name], exp, atol=atol)
+    return f"gradients of {', '.join(n for n, e in expected.items() if e is not None)} match"
+
+
+def _close(got, expected, atol: float) -> bool:
+    import torch
+
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(expected.shape):
+        return False
+    if not (got.is_floating_point() and expected.is_floating_point()):
+        return bool(torch.equal(got, expected))
+    return bool(torch.allclose(got.detach().double().cpu(), expected.detach().double().cpu(), rtol=0.0, atol=atol))
+
+
+def compare_with_hints(what: str, got, expected, atol: float = 1e-5, mistakes=()) -> str:
+    """`compare`, but when `got` is wrong and equals what a known mistake produces, the ✗ line is that mistake's hint.
+
+    mistakes: (hint, output) pairs, output a tensor or a function computing it (only called on a mismatch), e.g.
+    ("hidden has already been through ln_f: ...", lambda: model.head(model.transformer.ln_f(hidden))). The first
+    hint whose output matches `got` (within atol) and differs from `expected` wins; otherwise the generic line.
+    """
+    import torch
+
+    if isinstance(got, torch.Tensor) and not _close(got, torch.as_tensor(expected), atol):
+        for hint, output in mistakes:
+            output = output() if callable(output) else output
+            if _close(got, output, atol) and not _close(output, torch.as_tensor(expected), atol):
+                raise _Mismatch(hint)
+    return compare(what, got, expected, atol=atol)
 
 
 def _fmt(x: float) -> str:
@@ -137,6 +220,8 @@ def compare(what: str, got, expected, atol: float = 1e-5, rtol: float = 0.0) -> 
 
     if got is None:
         raise _Mismatch(f"{what} is None: did you forget to `return` it?")
+    if isinstance(got, tuple) and any(isinstance(g, torch.Tensor) for g in got):
+        raise _Mismatch(f"{what} is a tuple of {len(got)} items: return just the one tensor")
     try:
         got_t = torch.as_tensor(got)
     except Exception as err:
@@ -144,6 +229,11 @@ def compare(what: str, got, expected, atol: float = 1e-5, rtol: float = 0.0) -> 
     exp_t = torch.as_tensor(expected)
     if tuple(got_t.shape) != tuple(exp_t.shape):
         raise _Mismatch(f"{what} has shape {tuple(got_t.shape)}, expected {tuple(exp_t.shape)}")
+    if exp_t.is_floating_point() and not (got_t.is_floating_point() or got_t.is_complex()):
+        raise _Mismatch(f"{what} has dtype {got_t.dtype}, expected floating point ({exp_t.dtype}): an integer or "
+                        "boolean result has lost the values")  # fmt: skip
+    if exp_t.dtype not in (torch.bool,) and not exp_t.is_floating_point() and got_t.is_floating_point():
+        raise _Mismatch(f"{what} has dtype {got_t.dtype}, expected integers ({exp_t.dtype}), e.g. token ids")
     if exp_t.dtype == torch.bool or not exp_t.is_floating_point():
         equal = torch.equal(got_t.to(exp_t.dtype), exp_t)
         if not equal:
