@@ -136,7 +136,7 @@ KILL_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
-def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path):
+def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path, capsys):
     full_model, full_record = uninterrupted
     script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), kill_at=9, out=str(tmp_path))
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels as this process
@@ -148,7 +148,12 @@ def test_resume_after_sigkill_is_exact(uninterrupted, tmp_path):
     # killed in the callback of step 9, before its evaluation: the last checkpoint is the end of epoch 2 (step 8)
     assert (ckpt["state"]["step"], ckpt["state"]["epoch"], ckpt["state"]["batch"]) == (8, 2, 0)
     resumed_model = toy_model(seed=5)
+    killed_pid = json.loads((run_dir / "lock.json").read_text())["pid"]
+    capsys.readouterr()
     record = train(resumed_model, ToyTask(), torch.optim.AdamW, toy_config(tmp_path, resume=True))
+    # the killed run could not release its lock: the dead pid's lock is taken over, saying so
+    assert f"taking over the stale lock of {run_dir} (pid {killed_pid}" in capsys.readouterr().out
+    assert not (run_dir / "lock.json").exists()
     assert record["resumed_from_step"] == 8
     assert_same_params(full_model, resumed_model)
     assert same_metrics(record, full_record)

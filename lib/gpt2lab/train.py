@@ -440,7 +440,7 @@ class _Run:
         ckpt, path = runs.load_checkpoint(self.run_dir)
         if ckpt is None:
             if self.config.progress:
-                print(f"no checkpoint to resume in {self.run_dir}: starting {self.run_name} from scratch")
+                print(f"starting {self.run_name} in {self.run_dir.parent} (no checkpoint to resume yet)")
             return False
         self._check_compatible(ckpt, path)
         _load_weights(self.model, ckpt["model"], ckpt.get("trainable_only", False), path)
