@@ -78,26 +78,85 @@ def stub(*args):
     raise NotImplementedError()
 
 
-def test_duplicate_rate_check():
-    assert welcome_checks.duplicate_rate(data.duplicate_rate).passed
+def _count(pairs):
+    return sum(p.label for p in pairs)
+
+
+def _sorts_in_place(pairs):
+    pairs.sort(key=lambda p: p.label)
+    return _count(pairs) / len(pairs)
+
+
+DUPLICATE_RATE_MISTAKES = {  # planted mistake -> the exact ✗ line
+    "count": (_count, "1 is the number of paraphrases: divide by the number of pairs, len(pairs)"),
+    "counts the 0s": (lambda pairs: 1 - data.duplicate_rate(pairs),
+                      "that is the fraction of 0s (different questions): count the pairs labelled 1"),
+    "percentage": (lambda pairs: 100 * data.duplicate_rate(pairs),
+                   "that is a percentage: return a fraction between 0 and 1"),
+    "integer division": (lambda pairs: _count(pairs) // len(pairs), "integer division (//) drops the fraction: use /"),
+    "off by one": (lambda pairs: _count(pairs) / (len(pairs) + 1),
+                   "duplicate rate of 7 pairs: expected 0.142857, got 0.125 (max |diff| 0.0178571, atol 1e-12)"),
+    "string": (lambda pairs: "0.4", "return a number, got str"),
+    "tensor": (lambda pairs: torch.tensor([float(p.label) for p in pairs]).mean(),
+               "return a plain number (e.g. `.item()`), got a Tensor"),
+    "sorts in place": (_sorts_in_place, "you modified the list of pairs (sorted, filtered or popped it in place): "
+                                        "count without changing it"),
+    "no return": (lambda pairs: None, "duplicate_rate returned None: did you forget to `return`?"),
+}  # fmt: skip
+
+
+def test_duplicate_rate_check_passes_reference_and_alternatives():
+    import statistics
+
+    import numpy as np
+
+    assert str(welcome_checks.duplicate_rate(data.duplicate_rate)) == "✓ duplicate_rate: the rate matches on 1, 7 " \
+                                                                     "and 400 pairs"  # fmt: skip
+    for alternative in (lambda pairs: np.mean([p.label for p in pairs]),
+                        lambda pairs: statistics.mean(p.label for p in pairs),
+                        lambda pairs: sum(p.label == 1 for p in pairs) / len(pairs)):  # fmt: skip
+        assert welcome_checks.duplicate_rate(alternative).passed
     assert "not implemented yet" in str(welcome_checks.duplicate_rate(stub))
-    off_by_one = lambda pairs: sum(p.label for p in pairs) / (len(pairs) + 1)
-    assert not welcome_checks.duplicate_rate(off_by_one).passed
-    assert not welcome_checks.duplicate_rate(lambda pairs: 1 - data.duplicate_rate(pairs)).passed  # counts the 0s
-    assert "return a number" in str(welcome_checks.duplicate_rate(lambda pairs: "0.4"))
 
 
-def test_tokens_per_line_check(tokenizer):
+@pytest.mark.parametrize("mistake", list(DUPLICATE_RATE_MISTAKES))
+def test_duplicate_rate_check_names_each_mistake(mistake):
+    fn, message = DUPLICATE_RATE_MISTAKES[mistake]
+    assert str(welcome_checks.duplicate_rate(fn)) == f"✗ duplicate_rate: {message}"
+
+
+TOKENS_PER_LINE_MISTAKES = {  # planted mistake -> the exact ✗ line
+    "words": (lambda text, tok: [len(line.split()) for line in text.split("\n")],
+              "those are word counts (str.split): count tokens, len(tokenizer.encode(line))"),
+    "characters": (lambda text, tok: [len(line) for line in text.split("\n")],
+                   "those are character counts: count tokens, len(tokenizer.encode(line))"),
+    "skips the empty line": (lambda text, tok: [len(tok.encode(line)) for line in text.split("\n") if line],
+                             "the empty line is missing: it counts 0, keep it (one count per line)"),
+    "strips": (lambda text, tok: [len(tok.encode(line.strip())) for line in text.split("\n")],
+               "keep the indentation: encode each line as it is, without .strip()"),
+    "counts the newline": (lambda text, tok: [len(tok.encode(line + "\n")) for line in text.split("\n")],
+                           "don't count the newline: split on '\\n' and encode the line without it"),
+    "token lists": (lambda text, tok: [tok.encode(line) for line in text.split("\n")],
+                    "that is a list of token lists: return how many tokens each line has, len(...) of each"),
+    "generator": (lambda text, tok: (len(tok.encode(line)) for line in text.split("\n")),
+                  "return a list of ints, got generator"),
+    "no return": (lambda text, tok: None, "tokens_per_line returned None: did you forget to `return`?"),
+}  # fmt: skip
+
+
+def test_tokens_per_line_check_passes_reference_and_alternatives(tokenizer):
     from gpt2lab.tokenizer import tokens_per_line
 
     assert welcome_checks.tokens_per_line(tokens_per_line, tokenizer).passed
+    assert welcome_checks.tokens_per_line(lambda text, tok: [len(tok.tokens(line)) for line in text.splitlines()],
+                                          tokenizer).passed  # fmt: skip
     assert "not implemented yet" in str(welcome_checks.tokens_per_line(stub, tokenizer))
-    words = lambda text, tok: [len(line.split()) for line in text.split("\n")]
-    skips_empty = lambda text, tok: [len(tok.encode(line)) for line in text.split("\n") if line]
-    strips = lambda text, tok: [len(tok.encode(line.strip())) for line in text.split("\n")]
-    assert "line[0]: expected 11, got 8" in str(welcome_checks.tokens_per_line(words, tokenizer))
-    assert "got 4 counts for 5 lines" in str(welcome_checks.tokens_per_line(skips_empty, tokenizer))
-    assert "line[3]" in str(welcome_checks.tokens_per_line(strips, tokenizer))
+
+
+@pytest.mark.parametrize("mistake", list(TOKENS_PER_LINE_MISTAKES))
+def test_tokens_per_line_check_names_each_mistake(mistake, tokenizer):
+    fn, message = TOKENS_PER_LINE_MISTAKES[mistake]
+    assert str(welcome_checks.tokens_per_line(fn, tokenizer)) == f"✗ tokens_per_line: {message}"
 
 
 def test_crash_line_points_at_the_students_line():
@@ -110,3 +169,48 @@ def test_crash_line_points_at_the_students_line():
 
     message = str(run())
     assert "AttributeError" in message and "(line" in message and "return x.no_such_attribute" in message
+
+
+def test_crash_inside_torch_names_the_students_line_not_torchs():
+    """A shape error raised deep inside an nn.Module (torch's `return forward_call(...)`, F.linear) is cited at the
+    student's own line that called the module."""
+    layer = torch.nn.Linear(4, 3)
+
+    def student(x):
+        hidden = x.transpose(0, 1)
+        return layer(hidden)  # the student's line: (4, 2) is fine, but (2, 5) -> layer fails inside torch
+
+    @check("crash")
+    def run():
+        return student(torch.ones(5, 2))
+
+    message = str(run())
+    assert message.startswith("✗ crash: your code raised RuntimeError: mat1 and mat2 shapes cannot be multiplied")
+    cited = message.rsplit("(line ", 1)[1]
+    assert cited.split(": ", 1)[1].startswith("return layer(hidden)"), message
+    assert "forward_call" not in message
+
+
+def test_compare_names_tuple_and_dtype_mistakes():
+    result = _tensor_check((torch.ones(2), torch.ones(2)), torch.ones(2))
+    assert str(result) == "✗ demo: y is a tuple of 2 items: return just the one tensor"
+    result = _tensor_check(torch.ones(2, dtype=torch.long), torch.ones(2))
+    assert str(result).startswith("✗ demo: y has dtype torch.int64, expected floating point (torch.float32)")
+    result = _tensor_check(torch.ones(2), torch.ones(2, dtype=torch.long))
+    assert str(result) == "✗ demo: y has dtype torch.float32, expected integers (torch.int64), e.g. token ids"
+
+
+def test_gradients_helpers_name_a_missing_gradient():
+    from gpt2lab.checks import compare_gradients, gradients
+
+    w = torch.randn(3, 4, requires_grad=True)
+    x = torch.randn(2, 3)
+    params = {"w": w}
+
+    @check("grad")
+    def run(out):
+        return compare_gradients(gradients(out, params), gradients(x @ w, params))
+
+    assert run(x @ w).passed
+    assert str(run(x @ w.data)).startswith("✗ grad: no gradient reaches w: training would never update it")
+    assert str(run(x @ (2 * w))).startswith("✗ grad: gradient of w[")
