@@ -134,8 +134,8 @@ def missing_files(folder: Path) -> list[str]:
     return missing
 
 
-def _looks_local(name: str) -> bool:
-    # hub names are "gpt2" or "owner/name"; anything else that looks like a path is a folder that is not there
+def looks_like_folder(name: str) -> bool:
+    """True for a setting that can only be a folder: hub names are "gpt2" or "owner/name", nothing else."""
     return name.startswith((".", "/", "~")) or os.sep != "/" and os.sep in name or name.count("/") > 1
 
 
@@ -224,10 +224,11 @@ def resolve(name_or_folder: str | os.PathLike | None = None) -> Path:
             )
         _check_files(path)
         return path
-    if path.exists() or _looks_local(name):
+    if path.exists() or looks_like_folder(name):
         raise WeightsUnavailable(
-            f"no GPT-2 weights: local folder {path}: not there. Point GPT2LAB_WEIGHTS (or setup(weights=...)) at a "
-            "folder holding config.json and model.safetensors, or at a hub name such as 'gpt2' (needs internet once)"
+            f"no GPT-2 weights: local folder {path.resolve()}: not there. Point GPT2LAB_WEIGHTS (or "
+            "setup(weights=...)) at a folder holding config.json and model.safetensors, or at a hub name such as "
+            "'gpt2' (needs internet once)"
         )
     cache = hub_cache_dir()
     folder = find_cached(name)
