@@ -141,17 +141,22 @@ REQUIREMENTS = [
 ]
 
 
-def check_environment(data: bool = True) -> bool:
-    """Print [OK]/[FAIL] for each package, the python version and the data files; return True when all pass.
+def check_environment(data: bool = True, weights: str | os.PathLike | None = None) -> bool:
+    """Print one line per package, the python version, the data files, the tokenizer and the GPT-2 weights; return
+    True when nothing is [FAIL].
 
-    Built in notebook 00 (welcome), §1.
+    Built in notebook 00 (welcome), §1. Markers: [OK] ready; [FAIL] the course cannot run as it is (the line says what
+    to do); [--] not needed yet: the weights are not cached (real mode downloads them once on first use, which needs
+    internet) or, in quick mode, the weights are missing at all (quick mode uses tiny random models, no weights).
+    Nothing is downloaded: the tokenizer and the weights are looked for locally and in the Hugging Face cache only.
+    `weights` is the weights setting (None: $GPT2LAB_WEIGHTS, else "gpt2").
     """
     ok_all = True
 
-    def line(ok: bool, text: str) -> None:
+    def line(ok: bool | None, text: str) -> None:
         nonlocal ok_all
-        ok_all &= ok
-        print(f"[{'OK' if ok else 'FAIL'}] {text}")
+        ok_all &= ok is not False
+        print(f"[{'--' if ok is None else 'OK' if ok else 'FAIL'}] {text}")
 
     py_ok = tuple(map(int, platform.python_version_tuple()[:2])) >= (3, 10)
     line(py_ok, f"python {platform.python_version()} (need >= 3.10)")
@@ -169,4 +174,45 @@ def check_environment(data: bool = True) -> bool:
                 line(present, name if present else f"{name} missing")
         except DataFileMissing as err:
             line(False, str(err))
+        line(*_tokenizer_status())
+    line(*_weights_status(weights))
     return ok_all
+
+
+def _tokenizer_status() -> tuple[bool, str]:
+    from . import tokenizer
+
+    try:
+        tok = tokenizer.load(local_files_only=True)  # checks vocab 50257, eos 50256, "yes" -> 8505, the last merge
+    except (FileNotFoundError, OSError, ValueError) as err:
+        return False, str(err)
+    return True, f"tokenizer loads: {tok!r} (\"yes\" -> 8505, all 50000 merges)"
+
+
+def _weights_status(value: str | os.PathLike | None) -> tuple[bool | None, str]:
+    from .data import shown_path
+    from .weights import WEIGHTS_ENV, WeightsUnavailable, find_cached, hub_cache_dir, looks_like_folder, resolve
+    from .weights import setting as weights_setting
+
+    name = weights_setting(value)
+    quick = quick_mode()
+    if Path(name).expanduser().exists() or looks_like_folder(name):
+        try:
+            folder = resolve(name)  # a local folder: never the network
+        except WeightsUnavailable as err:
+            return (None if quick else False), f"weights: {err}" + (" (quick mode needs none)" if quick else "")
+        return True, f"weights: local folder {shown_path(folder.resolve())}"
+    folder = find_cached(name)
+    if folder is not None:
+        try:
+            resolve(name)  # found in the cache, so this only checks the files (no network)
+        except WeightsUnavailable as err:
+            return (None if quick else False), f"weights: {err}"
+        return True, f"weights {name!r}: cached at {folder}"
+    return None, (
+        f"weights {name!r}: not in the Hugging Face cache at {hub_cache_dir()}. "
+        f"{'Quick mode needs none; real' if quick else 'Real'} mode downloads them once on first use (needs "
+        f"internet); offline, set {WEIGHTS_ENV}=/path/to/folder (or setup(weights=...)) to a folder holding "
+        "config.json and model.safetensors"
+    )
+

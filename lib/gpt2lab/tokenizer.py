@@ -75,29 +75,101 @@ def default_folder() -> Path:
     return data_dir() / TOKENIZER_DIR
 
 
+class TokenizerUnavailable(FileNotFoundError):
+    """No usable GPT-2 tokenizer: the one-line message says what was tried and how to get the files."""
+
+
+HOW_TO_GET = (
+    "run `python -m gpt2lab.data download` (needs internet once), or set GPT2LAB_DATA to a data folder holding "
+    "gpt2-tokenizer/vocab.json and merges.txt"
+)
+
+# (what, expected): facts any intact GPT-2 BPE has. " gazed" is the *last* merge in merges.txt, so a truncated
+# file fails here; an empty tokenizer (what transformers returns offline for a name it cannot fetch) fails them all.
+FACTS = (
+    ("vocab size", lambda hf: len(hf), 50257),
+    ("eos id", lambda hf: hf.eos_token_id, 50256),
+    ('"yes"', lambda hf: hf.encode("yes", add_special_tokens=False), [8505]),
+    ('" gazed" (the last merge)', lambda hf: hf.encode(" gazed", add_special_tokens=False), [50255]),
+)
+
+
+def verify(hf_tokenizer) -> str | None:
+    """None when `hf_tokenizer` is the intact GPT-2 BPE; else which fact failed (expected vs got)."""
+    for what, get, expected in FACTS:
+        got = get(hf_tokenizer)
+        if got != expected:
+            return f"{what} is {got}, expected {expected}"
+    return None
+
+
 @functools.lru_cache(maxsize=4)
-def _load_cached(source: str) -> Tokenizer:
+def _load_cached(source: str, local_files_only: bool = False) -> Tokenizer:
+    """A verified tokenizer from a folder or hub name; raises ValueError (not cached by lru_cache) otherwise."""
     from transformers import GPT2TokenizerFast
 
-    return Tokenizer(GPT2TokenizerFast.from_pretrained(source), source)
+    from .weights import hub_cache_dir  # the cache as the environment names it now (ignored for folders)
+
+    hf = GPT2TokenizerFast.from_pretrained(source, local_files_only=local_files_only, cache_dir=str(hub_cache_dir()))
+    problem = verify(hf)
+    if problem:
+        raise ValueError(problem)
+    return Tokenizer(hf, source)
 
 
-def load(name_or_folder: str | os.PathLike | None = None) -> Tokenizer:
+def load(name_or_folder: str | os.PathLike | None = None, *, local_files_only: bool = False) -> Tokenizer:
     """The GPT-2 tokenizer: from `name_or_folder`, else $GPT2LAB_DATA/gpt2-tokenizer, else the hub name `gpt2`.
 
-    Built in notebook 00 (welcome), §3.
+    Built in notebook 00 (welcome), §3. Never degrades silently: the result is checked against GPT-2 facts (`FACTS`:
+    vocab 50257, eos 50256, "yes" -> 8505, the last merge), and anything else raises `TokenizerUnavailable` with one
+    line naming what was tried. A hub name is looked up in the Hugging Face cache first; the hub itself is asked
+    only when it answers within seconds (and never with `local_files_only=True`, as the environment check does).
     """
+    tried = []
     if name_or_folder is None:
         folder = default_folder()
-        name_or_folder = folder if folder.is_dir() else HUB_NAME
+        if folder.is_dir():
+            name_or_folder = folder
+        else:
+            tried.append(f"folder {shown_path(folder)}: not there")
+            name_or_folder = HUB_NAME
     path = Path(name_or_folder).expanduser()
     if path.is_dir():
         missing = [f for f in TOKENIZER_FILES if not (path / f).is_file()]
         if missing and not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(
-                f"tokenizer folder {path} lacks {', '.join(missing)} (run `python -m gpt2lab.data download`)"
-            )
-        return _load_cached(str(path.resolve()))
+            where = shown_path(path.resolve())
+            raise TokenizerUnavailable(f"tokenizer folder {where} lacks {', '.join(missing)}: {HOW_TO_GET}")
+        try:
+            return _load_cached(str(path.resolve()))
+        except Exception as err:
+            raise TokenizerUnavailable(
+                f"tokenizer folder {shown_path(path.resolve())} does not hold GPT-2's BPE ({_first_line(err)}): "
+                f"its files are damaged or from another tokenizer; delete them and {HOW_TO_GET}"
+            ) from None
     if os.sep in str(name_or_folder) or str(name_or_folder).startswith("."):
-        raise FileNotFoundError(f"tokenizer folder {path} does not exist (run `python -m gpt2lab.data download`)")
-    return _load_cached(str(name_or_folder))  # a hub name such as "gpt2": needs internet on first use
+        raise TokenizerUnavailable(f"tokenizer folder {path} does not exist: {HOW_TO_GET}")
+    return _from_hub(str(name_or_folder), tried, local_files_only)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _from_hub(name: str, tried: list[str], local_files_only: bool) -> Tokenizer:
+    # the cache first (no network), then the hub only if it answers: transformers alone retries for minutes offline
+    from .weights import hub_cache_dir, hub_endpoint, hub_unreachable
+
+    try:
+        return _load_cached(name, True)
+    except Exception as err:  # offline, transformers hands back an empty tokenizer (vocab size 1) for a missing name
+        detail = "" if "vocab size is 1," in str(err) or isinstance(err, OSError) else f" ({_first_line(err)})"
+        tried.append(f"Hugging Face cache at {hub_cache_dir()}: no {'usable ' if detail else ''}{name!r}{detail}")
+    why = "not tried (environment check)" if local_files_only else hub_unreachable()
+    if why is None:
+        try:
+            return _load_cached(name)
+        except Exception as err:
+            why = _first_line(err)
+    tried.append(f"hub {hub_endpoint()}: {why}")
+    raise TokenizerUnavailable(f"no GPT-2 tokenizer: {'; '.join(tried)}. To get the files, {HOW_TO_GET}")
