@@ -460,8 +460,12 @@ class _Run:
             self.state["status"] = "running"  # a larger patience continues an early-stopped run
         if self.config.progress or self.resume_changes:
             changes = f"; accepted changes: {', '.join(self.resume_changes)}" if self.resume_changes else ""
-            print(f"resuming {self.run_name} from step {self.state['step']} (epoch {self.state['epoch'] + 1}, "
-                  f"batch {self.state['batch']}, {self.state['status']}){changes}")
+            if self.state["status"] == "running":
+                print(f"resuming {self.run_name} from step {self.state['step']} (epoch {self.state['epoch'] + 1}, "
+                      f"batch {self.state['batch']}){changes}")
+            else:  # a finished run: loaded, nothing left to train
+                print(f"loading {self.run_name}: {self.state['status']} at step {self.state['step']}, nothing left "
+                      f"to train{changes}")
         return True
 
     def _check_compatible(self, ckpt: dict, path) -> None:
