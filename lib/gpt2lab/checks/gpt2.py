@@ -36,8 +36,14 @@ def _test_model(seed: int = 4) -> GPT2:
     Seed 4 gives wide argmax margins (> 0.06) on the greedy check's prompt. tests/test_checks_gpt2.py proves that
     each of those decoding mistakes changes this model's greedy tokens.
     """
-    torch.manual_seed(seed)
-    model = GPT2(GPT2Config.tiny(n_layer=2, n_embd=C, n_head=4, vocab_size=V, n_positions=N_POSITIONS)).eval()
+    with torch.random.fork_rng():  # seeded, leaving the student's random state as it was
+        torch.manual_seed(seed)
+        model = GPT2(GPT2Config.tiny(n_layer=2, n_embd=C, n_head=4, vocab_size=V, n_positions=N_POSITIONS)).eval()
+        _scale_weights(model)
+    return model
+
+
+def _scale_weights(model: GPT2) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
@@ -52,7 +58,6 @@ def _test_model(seed: int = 4) -> GPT2:
                 p.normal_(0.0, 1.0 / math.sqrt(4 * C))
         model.transformer.wte.weight.normal_(0.0, 0.5)
         model.transformer.wpe.weight.normal_(0.0, 0.5)
-    return model
 
 
 def _ids(B=2, T=9, seed=1):
