@@ -9,7 +9,8 @@ from gpt2lab.bench import model as bench
 def test_bench_model_tiny_runs(capsys):
     assert bench.main(["--tiny"]) == 0
     out = capsys.readouterr().out
-    assert "ratio ours/transformers = " in out
+    assert "ratio ours/transformers = " in out and "(median of the 3 back-to-back pairs" in out
+    assert "ratio of the medians = " in out and "CPU time per step: ours " in out
     assert "speed-up = " in out
 
 

@@ -65,19 +65,21 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_train_step(model, ids, is_ref: bool, device, amp: bool) -> float:
+def time_train_step(model, ids, is_ref: bool, device, amp: bool) -> tuple[float, float]:
+    """One forward + backward: (wall seconds, this process's CPU seconds). The CPU time is what the step would take
+    on an idle machine with `--threads 1`, whatever other processes share the cores."""
     from ..model import lm_loss
 
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     model.zero_grad(set_to_none=True)
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with autocast:
         logits = model(ids).logits if is_ref else model(ids)
         loss = lm_loss(logits, ids)
     loss.backward()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def bench_train(args, config) -> float:
@@ -88,11 +90,12 @@ def bench_train(args, config) -> float:
     for _ in range(2):  # warm-up: allocator, kernels, lazy inits
         time_train_step(ours, ids, False, args.device, args.amp)
         time_train_step(ref, ids, True, args.device, args.amp)
-    t_ours, t_ref = [], []
+    runs_ours, runs_ref = [], []
     for i in range(args.repeats):
-        pair = [(ours, False, t_ours), (ref, True, t_ref)]
+        pair = [(ours, False, runs_ours), (ref, True, runs_ref)]
         for model, is_ref, bucket in pair if i % 2 == 0 else pair[::-1]:  # alternate who goes first
             bucket.append(time_train_step(model, ids, is_ref, args.device, args.amp))
+    t_ours, t_ref = [w for w, _ in runs_ours], [w for w, _ in runs_ref]
     m_ours, m_ref = statistics.median(t_ours), statistics.median(t_ref)
     paired = statistics.median(a / b for a, b in zip(t_ours, t_ref))  # each pair ran back to back
     print(
@@ -104,6 +107,11 @@ def bench_train(args, config) -> float:
     print(f"  transformers     median {m_ref * 1e3:9.1f} ms   (min {min(t_ref) * 1e3:.1f})")
     print(f"  ratio ours/transformers = {paired:.3f}  (median of the {args.repeats} back-to-back pairs; target <= 0.9)")
     print(f"  ratio of the medians = {m_ours / m_ref:.3f}, of the minima = {min(t_ours) / min(t_ref):.3f}")
+    if args.device == "cpu":  # on a shared machine, CPU time is steadier than wall time (exact with --threads 1)
+        c_ours, c_ref = [c for _, c in runs_ours], [c for _, c in runs_ref]
+        cpu_paired = statistics.median(a / b for a, b in zip(c_ours, c_ref))
+        print(f"  CPU time per step: ours {statistics.median(c_ours) * 1e3:.1f} ms, transformers "
+              f"{statistics.median(c_ref) * 1e3:.1f} ms; ratio {cpu_paired:.3f} (median of the pairs)")  # fmt: skip
     return paired
 
 
