@@ -2,6 +2,11 @@
 
 Built in notebook 00 (welcome), §3. A thin wrapper over `transformers.GPT2TokenizerFast` (the reference), so
 every notebook sees the same small interface: encode, decode, eos_token_id, vocab_size, batch padding.
+
+`load()` never hands back a broken tokenizer: offline, transformers returns an *empty* one (vocabulary of 1) for a
+hub name it cannot fetch, and training on it fails much later with a NaN loss. So every load is checked against
+GPT-2 facts (`FACTS`) and anything else raises `TokenizerUnavailable`, one line naming what was tried. Hub names go
+through the same cache-first, quick-probe path as the weights (`gpt2lab.weights.hub_unreachable`).
 """
 
 from __future__ import annotations

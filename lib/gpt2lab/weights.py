@@ -281,7 +281,7 @@ def load_reference(name_or_folder: str | os.PathLike | None = None):
 
     Loaded from the folder `resolve` found, so transformers never goes to the network (or retries) by itself.
     """
-    from transformers import GPT2LMHeadModel
+    folder = resolve(name_or_folder)  # first: fails in milliseconds offline; safetensors headers checked there
+    from transformers import GPT2LMHeadModel  # importing the modeling code alone takes seconds
 
-    folder = resolve(name_or_folder)  # safetensors headers already checked there
     return GPT2LMHeadModel.from_pretrained(str(folder)).eval()
