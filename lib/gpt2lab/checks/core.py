@@ -155,6 +155,7 @@ def gradients(output, params: dict) -> dict:
     (`compare_gradients`): an answer built from `.data`, `.detach()` or under `torch.no_grad()` gives the right
     numbers but trains nothing. The projection (seeded, so the same for the student's run and the reference's) makes
     every output element matter, unlike `.sum()`, whose gradient is blind to, e.g., a permutation of the output.
+    Used by the checks of notebook 02 (embed, block_forward, logits_from_hidden).
     """
     import torch
 
@@ -169,7 +170,7 @@ def gradients(output, params: dict) -> dict:
 
 def compare_gradients(got: dict, expected: dict, atol: float = 1e-5) -> str:
     """Compare `gradients(...)` of the student's output with the reference's; ✗ names the first parameter whose
-    gradient is missing ("did you use .data or .detach()?") or differs (element, expected vs got)."""
+    gradient is missing ("did you use .data or .detach()?") or differs (element, expected vs got). Notebook 02."""
     for name, exp in expected.items():
         if exp is None:
             continue
@@ -195,6 +196,7 @@ def compare_with_hints(what: str, got, expected, atol: float = 1e-5, mistakes=()
     mistakes: (hint, output) pairs, output a tensor or a function computing it (only called on a mismatch), e.g.
     ("hidden has already been through ln_f: ...", lambda: model.head(model.transformer.ln_f(hidden))). The first
     hint whose output matches `got` (within atol) and differs from `expected` wins; otherwise the generic line.
+    Used by the checks of notebook 02 (post-LN block, erf GELU, ln_f applied twice, unscattered top-p, ...).
     """
     import torch
 
