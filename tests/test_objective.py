@@ -241,3 +241,23 @@ def test_a_zero_term_trains_exactly_like_the_task(task):
     train(wrapped, zero, torch.optim.AdamW, _config(evaluate=False))
     for (name, a), b in zip(plain.state_dict().items(), wrapped.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_objective_over_a_task_with_only_a_loss():
+    """The loop's minimal task (loss(model, batch), no outputs): the term gets outputs=None; no inputs_embeds."""
+
+    class LossOnly:
+        name, metric, higher_is_better, train_set = "toy", "loss", False, [0, 1]
+
+        def loss(self, model, batch):
+            return model.weight.sum()
+
+        def describe(self):
+            return {"name": "toy"}
+
+    model = torch.nn.Linear(2, 2)
+    obj = tasks.Objective(LossOnly(), lambda m, b, o: m.bias.sum() if o is None else None, name="bias")
+    assert obj.loss(model, {}).item() == pytest.approx((model.weight.sum() + model.bias.sum()).item())
+    with pytest.raises(TypeError, match="task 'toy' has no outputs"):
+        obj.loss(model, {}, inputs_embeds=torch.zeros(1, 1, 2))
+    assert obj.describe() == {"name": "toy", "extra_losses": [{"name": "bias"}]}
