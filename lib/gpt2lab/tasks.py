@@ -11,8 +11,8 @@ A task is anything with:
     describe() -> dict                what to store in the run record
 
 Both tasks here (subclasses of `Task`) also compute their loss from given input embeddings, so a regulariser can
-perturb the embeddings without knowing the task (SMART, Jiang et al. 2020, "SMART: Robust and Efficient
-Fine-Tuning ...", arXiv 1911.03437):
+perturb the embeddings without knowing the task (SMART: Jiang et al. 2020, "SMART: Robust and Efficient Fine-Tuning
+for Pre-trained Natural Language Models through Principled Regularized Optimization", arXiv 1911.03437):
 
     embeddings(model, batch) -> (B, T, C)   the model's token embeddings of batch["input_ids"], looked up through
                                             its `transformer.wte` module (so hooks and adapters on it apply);
@@ -26,18 +26,18 @@ Fine-Tuning ...", arXiv 1911.03437):
                   target (the same ones lm_loss averages over)
         loss    the task loss from this same forward (None for a batch without labels)
       `TaskOutputs.log_probs()` -> (N, K) float32 log-probabilities of the N counted distributions: SMART's
-      symmetric KL compares these rows between a clean and a perturbed forward (per answer for paraphrase, per
-      token for the LM) and averages over N.
+      symmetric KL compares these rows between a clean and a perturbed forward (one row per pair for paraphrase,
+      one per token for the LM) and averages over N.
     loss(model, batch, inputs_embeds=None)  = outputs(...).loss; with inputs_embeds = embeddings(model, batch) it is
                                             the very same number as the plain loss
 
 `Objective(task, extra)` is itself a task whose loss is task.loss + extra(model, batch, outputs): an added term
 (a regulariser) the training loop never hears of. `extra` receives the clean TaskOutputs of the same forward.
 
-Models: every call goes through the model's public forward, `model(input_ids, attention_mask, inputs_embeds=...)
--> logits (B, T, V)`, so a module that wraps a GPT2 and forwards to it, or torch.compile(model), works too. The
-token embedding of a wrapped model is that of the GPT2 `gpt2lab.generate.find_gpt2` finds inside (or the
-model's own `get_input_embeddings()`, when it has one).
+Models: every call goes through the model's public API, `model(input_ids, attention_mask, inputs_embeds=...)
+-> logits (B, T, V)` (ParaphraseTask uses `hidden_states` + `head` when the model has them), so a module that wraps
+a GPT2 and forwards to it, or torch.compile(model), works too. The token embedding of a wrapped model is that of
+the GPT2 `gpt2lab.generate.find_gpt2` finds inside (or the model's own `get_input_embeddings()`, when it has one).
 
 Long evaluations (`ParaphraseTask.predict` / `evaluate`, `SonnetTask.generate` / `evaluate`) show a `tqdm.auto`
 progress bar that disappears when done (leave=False). `progress=` on the call, else the task's own `progress`
