@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from tiny_gpt2 import pair
 
-from gpt2lab.model import GPT2, GPT2Config, hf_key_map, lm_loss
+from gpt2lab.model import GPT2, GPT2Config, KVCache, hf_key_map, lm_loss
 
 V = 97
 
@@ -103,6 +103,7 @@ def test_replaced_submodule_takes_effect_in_training(path):
     lm_loss(logits, ids).backward()
     assert wrapper.scale.grad is not None and wrapper.scale.grad.abs() > 0, f"no gradient reached the {path} wrapper"
     assert all(g.layout == torch.strided for g in _grads(model).values()), "every .grad is a dense tensor"
+    assert KVCache.for_model(model, batch_size=1, max_length=4).k[0].shape == (1, 4, 4, 16)  # works with a wrapper
 
 
 def test_forward_hook_that_changes_the_embedding_takes_effect_in_training():

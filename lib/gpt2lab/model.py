@@ -15,6 +15,14 @@ padding). With right padding that is just 0..T-1; with left padding the first re
 padded row gives the same logits on its real tokens as the unpadded sequence (transformers gives the same numbers
 when passed these position_ids, which is what its `generate` does).
 
+Modules are honoured in training as in eval: `forward` calls every submodule (`transformer.wte`, each block's
+Linears, `ln_f`, `lm_head`, ...), so hooks fire the same way with or without gradients and a replaced submodule
+(a LoRA wrapper, a plain nn.Linear head) takes effect. The training-speed trick for the tied weight lives inside
+the two modules that share it (`TiedEmbedding`, `TiedHead`) and switches itself off when they are replaced.
+
+Bad input ends in one ValueError line naming the value and where it is (token ids outside the vocabulary, mask
+values other than 0/1, positions past n_positions), not in a traceback from inside torch.
+
 References: Radford et al. 2019, "Language models are unsupervised multitask learners" (GPT-2); Vaswani et al. 2017.
 """
 
@@ -175,7 +183,7 @@ class KVCache:
     def for_model(cls, model: GPT2, batch_size: int, max_length: int | None = None) -> KVCache:
         c = model.config
         max_length = max_length or c.n_positions
-        p = model.transformer.wte.weight
+        p = next(model.parameters())  # device and dtype (wte may be wrapped, e.g. by an adapter)
         return cls(c.n_layer, batch_size, c.n_head, c.n_embd // c.n_head, max_length, p.device, p.dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -208,11 +216,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class TiedEmbedding(nn.Embedding):
     """The token embedding `transformer.wte`: an nn.Embedding whose weight `lm_head` shares. Notebook 02, §2 and §4.
 
-    `wte(input_ids)` is a plain lookup. `GPT2.forward` passes `tie=` only in training, when its own `TiedHead` uses the
-    same weight in the same forward; then the weight gradient sent back is row-sparse (the B*T looked-up rows) when
-    the head's dense gradient has been computed in this same backward pass, and autograd adds the rows into that dense
-    matrix in place. If the head's gradient did not come (a hook replaced the logits, a loss that skips them), the
-    rows go back as an ordinary dense gradient: `.grad` is always the dense tensor plain autograd would give.
+    `wte(input_ids)` is a plain lookup. `GPT2.forward` passes `tie=` only with gradients on, when its own `TiedHead`
+    uses the same weight in the same forward. Then the weight gradient sent back is row-sparse (the B*T looked-up
+    rows) if the head's dense gradient was computed in this same backward pass, and autograd adds the rows into that
+    dense matrix in place. If the head's gradient did not come (a hook replaced the logits, a loss that skips them),
+    the rows go back as an ordinary dense gradient: `.grad` is always the dense tensor plain autograd would give.
     """
 
     def forward(self, input_ids: torch.Tensor, tie: _Tie | None = None) -> torch.Tensor:
@@ -231,7 +239,8 @@ class TiedHead(nn.Linear):
 
     def forward(self, hidden: torch.Tensor, tie: _Tie | None = None) -> torch.Tensor:
         weight = self.weight if tie is None else tie.head_weight
-        return _TiedHead.apply(hidden, weight, tie)  # (B, T, vocab)
+        logits = _TiedHead.apply(hidden, weight, tie)  # (B, T, vocab)
+        return logits if self.bias is None else logits + self.bias  # GPT-2's head has no bias; honour one if set
 
 
 class _Tie:
@@ -652,6 +661,8 @@ __all__ = [
     "Block",
     "MLP",
     "KVCache",
+    "TiedEmbedding",
+    "TiedHead",
     "WeightLoadError",
     "hf_key_map",
     "lm_loss",
