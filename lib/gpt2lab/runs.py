@@ -15,8 +15,9 @@ runs share one results folder.
 * `weights_fingerprint`: names, shapes, dtypes and a few sampled values of some tensors, hashed; checkpoints of
   a run with a frozen base store it instead of the base (see `gpt2lab.train`).
 * `PeakMemory`: this run's own peak memory, reset at its start (CUDA: `torch.cuda.reset_peak_memory_stats`;
-  Linux CPU: the process's peak RSS reset by writing "5" to /proc/self/clear_refs, read as VmHWM; else the
-  resident size sampled at each step with psutil; else the process's lifetime peak, said so in the record).
+  Linux CPU: memory freed by earlier work handed back with glibc's malloc_trim, then the process's peak RSS reset
+  by writing "5" to /proc/self/clear_refs, read as VmHWM; else the resident size sampled at each step with
+  psutil; else the process's lifetime peak, said so in the record).
 """
 
 from __future__ import annotations
@@ -300,12 +301,24 @@ def _vmhwm_mb() -> float:
 def _reset_vmhwm() -> bool:
     if not sys.platform.startswith("linux"):
         return False
+    _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets the peak RSS (VmHWM) to the current RSS; Linux >= 4.0
         return _vmhwm_mb() == _vmhwm_mb()  # readable (not NaN)
     except OSError:
         return False
+
+
+def _malloc_trim() -> None:
+    """Hand memory freed by earlier work (an earlier run in this process) back to the OS, so that the resident size
+    the peak is reset to counts only live memory (glibc keeps freed heap memory otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _rss_mb() -> float | None:
