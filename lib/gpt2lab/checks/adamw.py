@@ -2,6 +2,12 @@
 
 Each ✗ line names the tensor and element that differ; when a wrong answer matches a classic mistake (no bias
 correction, L2 decay added to the gradient, decay after the update, ε inside the square root...), it says so.
+
+References are torch.optim.AdamW and hand computations, never gpt2lab's own AdamW. The functions get the caller's
+real tensors and must leave them unchanged. `MyAdamW` is probed on one parameter first (unchanged parameters, NaN at
+step 1, state not kept, t stuck, p.grad modified, the step's classic mistakes), then trains a tiny model with two
+param groups that have their own lr and weight decay under a LambdaLR scheduler, which separates an lr read from
+`self.defaults` (or a decay read from it, or one step count shared by all parameters) from the right answer.
 """
 
 from __future__ import annotations
