@@ -226,3 +226,26 @@ def test_state_dict_keys_unchanged():
     assert keys[0] == "transformer.wte.weight" and keys[-1] == "lm_head.weight"
     assert model.lm_head.weight is model.transformer.wte.weight
     assert isinstance(model.lm_head, nn.Linear) and isinstance(model.transformer.wte, nn.Embedding)
+
+
+def test_subclass_overriding_head_and_embed_is_used_in_training():
+    """forward goes through `self.embed` and `self.head`, so a subclass that overrides them (with the public
+    signatures) changes training as it changes eval."""
+
+    class Shifted(GPT2):
+        def embed(self, input_ids, position_ids, inputs_embeds=None):
+            return super().embed(input_ids, position_ids, inputs_embeds) * 2
+
+        def head(self, hidden):
+            return super().head(hidden) + 1.0
+
+    base, sub = _model(seed=13), Shifted(GPT2Config.tiny(vocab_size=V, n_positions=16))
+    sub.load_state_dict(base.state_dict())
+    ids = _ids(seed=14)
+    with torch.no_grad():
+        expected = sub.eval()(ids)
+    logits = sub.train()(ids)
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert (logits - base(ids)).abs().max() > 0.5
+    lm_loss(logits, ids).backward()
+    assert sub.transformer.wte.weight.grad.layout == torch.strided

@@ -301,12 +301,12 @@ class GPT2(nn.Module):
             tok = self.transformer.wte(input_ids)  # (B, T, C)
         return self.transformer.drop(tok + self.transformer.wpe(position_ids))
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, _tie=None) -> torch.Tensor:
         """Final hidden states (after ln_f) -> logits: hidden @ wteᵀ, (B, T, C) -> (B, T, vocab). Notebook 02, §4.
 
         Calls the `lm_head` module, so hooks on it fire and a replaced head takes effect.
         """
-        return self.lm_head(hidden)  # (B, T, vocab)
+        return self.lm_head(hidden) if _tie is None else self.lm_head(hidden, tie=_tie)  # (B, T, vocab)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters (the tied head counted once); `exclude_embeddings` leaves out wte and wpe."""
@@ -338,18 +338,21 @@ class GPT2(nn.Module):
         hidden, _ = self._run(input_ids, attention_mask, position_ids, cache, False, inputs_embeds, tie)
         if return_hidden:
             return hidden  # (B, T, C)
-        return self.lm_head(hidden) if tie is None else self.lm_head(hidden, tie=tie)  # (B, T, vocab)
+        return self.head(hidden, **({} if tie is None else {"_tie": tie}))  # (B, T, vocab)
 
     def _tie(self) -> _Tie | None:
         """The speed pairing of `transformer.wte` and `lm_head` for one training forward, or None.
 
         Only when both are still this file's modules (exact types: a subclass or wrapper may not take `tie=`), share
-        one weight that wants a gradient, and gradients are on. Then the head's weight gradient is one dense (vocab, C)
-        matrix and the embedding adds its B*T rows into it in place (see `TiedEmbedding`) instead of zero-filling and
-        adding a second dense matrix (38M floats for gpt2) each step. Anything else: plain modules, plain autograd.
+        one weight that wants a gradient, gradients are on, and `embed`/`head` are not overridden by a subclass. Then
+        the head's weight gradient is one dense (vocab, C) matrix and the embedding adds its B*T rows into it in place
+        (see `TiedEmbedding`) instead of zero-filling and adding a second dense matrix (38M floats for gpt2) each step.
+        Anything else: plain modules, plain autograd.
         """
         wte, head = self.transformer.wte, self.lm_head
         if not (torch.is_grad_enabled() and type(wte) is TiedEmbedding and type(head) is TiedHead):
+            return None
+        if type(self).embed is not GPT2.embed or type(self).head is not GPT2.head:
             return None
         if head.weight is not wte.weight or not wte.weight.requires_grad:
             return None
@@ -400,7 +403,8 @@ class GPT2(nn.Module):
             position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
         # None -> the fused kernel's own causal masking; otherwise a boolean (B, 1, T, past + T) mask
         mask = None if attention_mask is None else combined_mask(attention_mask, T, past + T, device=device)
-        x = self.embed(input_ids, position_ids, inputs_embeds, tie)  # (B, T, C)
+        speed = {} if tie is None else {"_tie": tie}  # only our own embed/head get the private argument
+        x = self.embed(input_ids, position_ids, inputs_embeds, **speed)  # (B, T, C)
         maps = []
         for i, block in enumerate(self.transformer.h):
             if return_weights:
@@ -560,7 +564,7 @@ class _TiedLookup(torch.autograd.Function):
     def forward(ctx, input_ids, weight, tie):
         ctx.save_for_backward(input_ids)
         ctx.tie = tie
-        ctx.num_weights = weight.shape[0]
+        ctx.num_weights, ctx.dtype = weight.shape[0], weight.dtype
         return F.embedding(input_ids, weight)  # (B, T, C)
 
     @staticmethod
@@ -572,7 +576,7 @@ class _TiedLookup(torch.autograd.Function):
             # no dense gradient from the head in this pass: the ordinary embedding gradient (what nn.Embedding gives)
             dense = torch.ops.aten.embedding_dense_backward(grad, input_ids, ctx.num_weights, -1, False)
             return None, dense, None
-        rows = grad.reshape(-1, grad.shape[-1])  # (B*T, C); repeated ids simply add up
+        rows = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)  # (B*T, C); repeated ids simply add up
         shape = (ctx.num_weights, grad.shape[-1])
         return None, torch.sparse_coo_tensor(input_ids.reshape(1, -1), rows, shape, check_invariants=False), None
 
