@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt2lab.checks import adamw as check
-from gpt2lab.optim import AdamW, weight_decay_groups
+from gpt2lab.optim import AdamW, decay_groups
 from gpt2lab.optim.adamw import adamw_foreach, adamw_single_tensor
 
 GOLDEN_THETA3 = [0.98940921, -1.99467039, 2.97896743]
@@ -90,7 +90,7 @@ def test_parity_with_torch_after_1000_steps(name, record_property):
     results = {}
     for label, make in {"ours": AdamW, "torch": torch.optim.AdamW}.items():
         model = mlp()
-        params = weight_decay_groups(model, kw.get("weight_decay", 1e-2)) if groups else model.parameters()
+        params = decay_groups(model, kw.get("weight_decay", 1e-2)) if groups else model.parameters()
         results[label] = train(model, make(params, **kw), 1000)
     diff = (results["ours"] - results["torch"]).abs().max().item()
     record_property("max_abs_diff", diff)
@@ -215,10 +215,10 @@ def test_zero_gradients_stay_finite_and_only_decay(foreach):
 def test_resume_from_state_dict_equals_uninterrupted():
     kw = dict(lr=3e-3, betas=(0.85, 0.99), weight_decay=0.1, amsgrad=True)
     model = mlp()
-    uninterrupted = train(model, AdamW(weight_decay_groups(model, 0.1), **{**kw, "weight_decay": 0.1}), 60)
+    uninterrupted = train(model, AdamW(decay_groups(model, 0.1), **{**kw, "weight_decay": 0.1}), 60)
 
     model = mlp()
-    opt = AdamW(weight_decay_groups(model, 0.1), **kw)
+    opt = AdamW(decay_groups(model, 0.1), **kw)
     train(model, opt, 25)
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buffer)
@@ -227,7 +227,7 @@ def test_resume_from_state_dict_equals_uninterrupted():
     saved = torch.load(buffer)
     resumed = mlp(seed=99)  # different init: everything must come from the checkpoint
     resumed.load_state_dict(saved["model"])
-    opt = AdamW(weight_decay_groups(resumed, 0.1), **kw)
+    opt = AdamW(decay_groups(resumed, 0.1), **kw)
     opt.load_state_dict(saved["optim"])
     assert torch.equal(train(resumed, opt, 35, start=25), uninterrupted)
 
@@ -289,14 +289,14 @@ def test_bad_param_group_override_is_rejected():
         AdamW([{"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": -1.0}])
 
 
-def test_weight_decay_groups_exempt_biases_and_layernorm():
+def test_decay_groups_exempt_biases_and_layernorm():
     model = mlp()
     model[0].bias.requires_grad_(False)
-    decay, no_decay = weight_decay_groups(model, 0.3)
+    decay, no_decay = decay_groups(model, 0.3)
     assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
-    assert {id(p) for p in decay["params"]} == {id(model[i].weight) for i in (0, 3, 5)}
-    assert {id(p) for p in no_decay["params"]} == {id(p) for p in (model[1].weight, model[1].bias, model[3].bias,
-                                                                 model[5].bias)}
+    assert {id(p) for _, p in decay["params"]} == {id(model[i].weight) for i in (0, 3, 5)}
+    assert {id(p) for _, p in no_decay["params"]} == {id(p) for p in (model[1].weight, model[1].bias, model[3].bias,
+                                                                    model[5].bias)}
 
 
 def test_no_decay_group_really_does_not_decay():

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["AdamW", "adamw_foreach", "adamw_single_tensor", "adamw_update", "weight_decay_groups"]
+__all__ = ["AdamW", "adamw_foreach", "adamw_single_tensor", "adamw_update"]
 
 
 def adamw_single_tensor(
@@ -226,20 +226,6 @@ class AdamW(torch.optim.Optimizer):
                 amsgrad=group["amsgrad"],
             )
         return loss
-
-
-def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two param groups: matrices (and embeddings) decay, 1-D tensors (biases, LayerNorm gains) do not.
-
-    Built in notebook 03 (adamw), §7. Decaying a LayerNorm gain toward 0 or a bias toward 0 has no regularising
-    meaning, so the usual recipe exempts every parameter with fewer than 2 dimensions. Frozen parameters
-    (requires_grad=False) are left out.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
 
 
 def _scalar_dtype() -> torch.dtype:

@@ -1,8 +1,8 @@
 """Parameter groups built from a model's named parameters and modules: who gets weight decay.
 
-Built in notebook 04 (finetune), §3; the method notebooks build their own groups the same way (LoRA+ gives the
-B matrices their own lr; AdaPreLoRA pairs A with B by name). Knows nothing of GPT-2: it decides by module type
-and by parameter name / number of dimensions.
+Built in notebook 03 (adamw), §7; notebook 04 (finetune) trains GPT-2 with it, and the method notebooks build
+their own groups the same way (LoRA+ gives the B matrices their own lr; AdaPreLoRA pairs A with B by name).
+Knows nothing of GPT-2: it decides by module type and by parameter name / number of dimensions.
 
     optimizer = AdamW(decay_groups(model, weight_decay=0.01), lr=lr)
 
@@ -46,7 +46,7 @@ def no_decay(model: nn.Module) -> set[str]:
 def decay_groups(model: nn.Module, weight_decay: float, **group_options) -> list[dict]:
     """Two param groups of the trainable parameters: `weight_decay` for matrices, 0.0 for the rest (see `no_decay`).
 
-    Built in notebook 04 (finetune), §3. Frozen parameters (requires_grad False) are left out; empty groups are
+    Built in notebook 03 (adamw), §7. Frozen parameters (requires_grad False) are left out; empty groups are
     dropped (torch refuses them). `group_options` (e.g. lr=...) are copied into both groups.
     """
     exempt = no_decay(model)
