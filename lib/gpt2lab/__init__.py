@@ -2,8 +2,9 @@
 
 Every module here is the one importable copy of something a notebook builds; each object's docstring
 names that notebook. Layers (each imports only from the ones before it):
-data, tokenizer, metrics -> attention -> model -> generate; optim and lora (no GPT-2 knowledge);
-smart; tasks -> train -> experiments -> bench. `checks` and `course` serve the notebooks and tooling.
+data, weights (finding GPT-2 checkpoints: local folder, Hugging Face cache, hub), tokenizer, metrics -> attention
+-> model -> generate; optim and lora (no GPT-2 knowledge); smart; tasks and runs (run names, locks, checkpoint
+files) -> train -> experiments -> bench. `checks` and `course` serve the notebooks and tooling.
 """
 
 from .environment import Setup, setup
