@@ -110,6 +110,11 @@ def test_notebook_runs_in_real_mode(name, real_mode_env):
     client.execute(env=env)
     print(f"\n{name}: {time.perf_counter() - start:.0f} s in real mode; slowest cells: {_slowest(nb)}")
 
+    for index, cell in enumerate(nb.cells):  # notices on stderr show as red boxes: list them in the test log
+        for o in cell.get("outputs", []):
+            if o.get("name") == "stderr":
+                print(f"  stderr, cell {index}: {o.text.strip()[:160]!r}")
+
     status = _text(nb.cells[next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")])
     assert "mode real" in status, f"{name} did not run in real mode: {status!r}"
     for index, cell in enumerate(nb.cells):
