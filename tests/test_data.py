@@ -36,7 +36,7 @@ def test_quora_splits_report_the_malformed_rows(quora_data, capsys):
     assert [(b.line, b.problem) for b in dev.bad_rows] == [(2577, "empty label"), (14222, "empty label")]
     assert len(train) == 14_139 - 2 and len(dev) == 20_214 - 2
     assert sum(p.label for p in dev) == 7_585 and sum(1 - p.label for p in dev) == 12_627
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out  # stdout: a notice, not a red stderr box in the notebook
     assert "line 11662" in err and "line 14222" in err  # reported, never silently dropped
     test = data.load_quora("test")
     assert len(test) == 30 and all(p.label is None for p in test)
@@ -298,3 +298,14 @@ def test_shown_path_is_relative_in_or_beside_the_repo(tmp_path):
     assert data.shown_path(data.REPO_ROOT.parent / "shared" / "data") == "../shared/data"
     far = data.REPO_ROOT.parent.parent / "elsewhere" / "data"
     assert data.shown_path(far) == str(far)
+
+
+def test_course_errors_render_as_one_line_in_jupyter():
+    from gpt2lab.data import DataFileMissing
+    from gpt2lab.tokenizer import TokenizerUnavailable
+    from gpt2lab.weights import WeightsUnavailable
+
+    for cls in (DataFileMissing, TokenizerUnavailable, WeightsUnavailable):
+        lines = cls("no such thing: do this")._render_traceback_()
+        assert len(lines) == 1 and lines[0].endswith(f"{cls.__name__}\x1b[0m: no such thing: do this")
+        assert issubclass(cls, FileNotFoundError)  # callers that catch FileNotFoundError keep working

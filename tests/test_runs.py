@@ -134,3 +134,10 @@ def test_peak_memory_is_reset_at_start():
         grown = torch.ones(64 * 2**20 // 4)
         assert memory.peak_mb() > before + 32
         del grown
+
+
+def test_weights_fingerprint_of_a_gpt2_sized_embedding():
+    # gpt2's wte has 38,597,376 values: float32 sample indices would round the last one out of range
+    big = torch.zeros(50257, 768)
+    big[-1, -1] = 1.0
+    assert runs.weights_fingerprint([("wte", big)]) != runs.weights_fingerprint([("wte", torch.zeros(50257, 768))])

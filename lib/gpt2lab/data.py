@@ -76,11 +76,22 @@ KNOWN_SUBSETS = {
 }
 
 
-class DataError(ValueError):
+class OneLineError(Exception):
+    """Mixin for the course's own errors whose message says everything (what was tried, what to do).
+
+    In Jupyter, IPython calls `_render_traceback_` and shows just that one line instead of a traceback through
+    library code; plain Python still prints the usual traceback.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
+
+class DataError(OneLineError, ValueError):
     """A data file is present but wrong: the message names the file, the row and the problem."""
 
 
-class DataFileMissing(FileNotFoundError):
+class DataFileMissing(OneLineError, FileNotFoundError):
     """A data file is absent: the message names it, the directory searched and the command that fetches it."""
 
 
@@ -328,7 +339,7 @@ def load_quora(split: str = "train", limit: int | None = None, verbose: bool = T
     name = QUORA_FILES[split]
     result = parse_quora(read_text(data_path(name), name), source=name, labelled=split != "test")
     if verbose and result.bad_rows:
-        print(result.report(), file=sys.stderr)
+        print(result.report())  # stdout: a notice, not an error (stderr shows as a red box in a notebook)
     if limit is not None:
         result.pairs = result.pairs[:limit]
     return result

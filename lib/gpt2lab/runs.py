@@ -79,7 +79,8 @@ def weights_fingerprint(named_tensors) -> str:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         flat = t.reshape(-1)
         if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel())).long().to(flat.device)
+            # float64: in float32 the last index of gpt2's wte (38,597,375) rounds up to 38,597,376, out of range
+            idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel()), dtype=torch.float64).long().to(flat.device)
             h.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -15,7 +15,7 @@ import functools
 import os
 from pathlib import Path
 
-from .data import TOKENIZER_DIR, TOKENIZER_FILES, data_dir, shown_path
+from .data import TOKENIZER_DIR, TOKENIZER_FILES, OneLineError, data_dir, shown_path
 
 HUB_NAME = "gpt2"
 
@@ -80,7 +80,7 @@ def default_folder() -> Path:
     return data_dir() / TOKENIZER_DIR
 
 
-class TokenizerUnavailable(FileNotFoundError):
+class TokenizerUnavailable(OneLineError, FileNotFoundError):
     """No usable GPT-2 tokenizer: the one-line message says what was tried and how to get the files."""
 
 

@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .data import shown_path
+from .data import OneLineError, shown_path
 
 DEFAULT = "gpt2"
 WEIGHTS_ENV = "GPT2LAB_WEIGHTS"
@@ -42,7 +42,7 @@ WAYS_OUT = (
 )
 
 
-class WeightsUnavailable(FileNotFoundError):
+class WeightsUnavailable(OneLineError, FileNotFoundError):
     """GPT-2 weights that cannot be had: the one-line message says what was tried and what to do.
 
     Raised by `resolve`, `load_reference` and `GPT2.from_pretrained` (notebook 02, §5).
