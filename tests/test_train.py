@@ -612,3 +612,21 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp
     assert record["resumed_from_step"] == 4
     assert_same_params(full_model, resumed)  # resuming from the step before is just as exact
     assert same_metrics(record, full_record)
+
+
+def test_progress_false_silences_the_tasks_evaluation_bars():
+    class ProgressTask(ToyTask):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def evaluate(self, model, progress=None):
+            self.seen.append(progress)
+            return super().evaluate(model)
+
+    quiet, loud = ProgressTask(), ProgressTask()
+    train(toy_model(), quiet, torch.optim.AdamW, toy_config(None, max_steps=3))  # progress=False
+    train(toy_model(), loud, torch.optim.AdamW, toy_config(None, max_steps=3, progress=True))
+    assert quiet.seen == [False] and loud.seen == [None]  # None: the task decides (on, except in quick mode)
+    # a task whose evaluate takes no options is called as before
+    assert train(toy_model(), ToyTask(), torch.optim.AdamW, toy_config(None, max_steps=3))["status"] == "completed"

@@ -301,6 +301,15 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def _accepts(fn: Callable, name: str) -> bool:
+    """Whether `fn` takes a keyword argument `name` (directly or through **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def _lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:  # step = number of optimizer steps already taken
         if config.warmup_steps and step < config.warmup_steps:
@@ -556,7 +565,9 @@ class _Run:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), eval_mode(self.model), self._autocast():
             torch.manual_seed(self.config.seed)
-            result = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
+            # progress=False in the config silences the task's evaluation bars too (tasks that take the option)
+            kwargs = {} if self.config.progress or not _accepts(self.task.evaluate, "progress") else {"progress": False}
+            result = {k: float(v) for k, v in self.task.evaluate(self.model, **kwargs).items()}
         state = self.state
         mean_loss = state["epoch_loss"] / max(state["epoch_batches"], 1)
         entry = {"step": state["step"], "epoch": state["epoch"] + state["batch"] / self.batches_per_epoch,
