@@ -303,12 +303,16 @@ def _reset_vmhwm() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     _malloc_trim()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS; Linux >= 4.0
-        return _vmhwm_mb() == _vmhwm_mb()  # readable (not NaN)
-    except OSError:
-        return False
+    for _ in range(5):  # the write can be interrupted on a busy machine (seen once in a full test run): try again
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak RSS (VmHWM) to the current RSS; Linux >= 4.0
+            return _vmhwm_mb() == _vmhwm_mb()  # readable (not NaN)
+        except PermissionError:
+            return False
+        except OSError:
+            time.sleep(0.01)
+    return False
 
 
 def _malloc_trim() -> None:
