@@ -204,11 +204,11 @@ def test_answer_in_jupyterlab_saved_notebook_is_in_step_and_survives_build(cours
     saved = lab_save(path, type_answer(1, ANSWER))
     # in step: `make test`'s check passes and counts the answers
     assert [(r.state, r.ok, r.detail) for r in course.check(solutions, notebooks)] == [
-        ("in step", True, "holds your answers to 1 exercises")]
+        ("in step", True, "holds your answers to 1 exercise")]
     monkeypatch.setattr(course, "SOLUTIONS", solutions)
     monkeypatch.setattr(course, "NOTEBOOKS", notebooks)
     assert course.main(["build", "--check"]) == 0
-    assert "(1 notebooks; 1 notebooks hold your answers)" in capsys.readouterr().out
+    assert "(1 notebook; 1 notebook holds your answers)" in capsys.readouterr().out
     # a build with solutions/ unchanged leaves the file exactly as the student saved it
     assert states(course.build(solutions=solutions, notebooks=notebooks)) == [
         ("01_demo.ipynb", "in step, left as you saved it")]
@@ -222,7 +222,7 @@ def test_answer_in_jupyterlab_saved_notebook_is_in_step_and_survives_build(cours
     assert (report.state, report.ok) == ("out of date", False) and "cell 1 (markdown" in report.detail
     assert course.main(["build"]) == 0
     out = capsys.readouterr().out
-    assert "01_demo.ipynb: regenerated (1 answers carried over, backup " in out
+    assert "01_demo.ipynb: regenerated (1 answer carried over, backup " in out
     student = nbformat.read(path, 4)
     assert [c.source for c in student.cells] == ["Intro, revised", ANSWER, "Recap, revised"]
     assert student.cells[1].outputs[0].text == "kept\n" and student.cells[1].execution_count == 7
@@ -321,10 +321,10 @@ def test_exercise_changed_after_it_was_answered_is_stale_and_the_answer_kept(cou
     lab_save(path, type_answer(1, ANSWER))
     write_solution(solutions, cells=[CELL.replace("docs stay", "docs reworded")])
     assert "solutions/ changed this exercise since you answered it" in course.check(solutions, notebooks)[0].detail
-    assert course.build(solutions=solutions, notebooks=notebooks)[0].detail.startswith("1 answers carried over")
+    assert course.build(solutions=solutions, notebooks=notebooks)[0].detail.startswith("1 answer carried over")
     assert nbformat.read(path, 4).cells[1].source == ANSWER
     assert [(r.state, r.detail) for r in course.check(solutions, notebooks)] == [
-        ("in step", "holds your answers to 1 exercises")]
+        ("in step", "holds your answers to 1 exercise")]
 
 
 def test_answer_survives_in_a_real_course_notebook(tmp_path, lab_save):

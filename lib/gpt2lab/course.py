@@ -70,6 +70,11 @@ class MarkerError(CourseError):
     """A malformed solution marker: the message names the notebook, the cell and the line."""
 
 
+
+def _count(n: int, noun: str) -> str:
+    """'1 exercise', '3 exercises'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
 def shown(path: Path) -> str:
     """A path as printed: relative to the current folder when inside it (notebooks/x.ipynb), else absolute."""
     relative = os.path.relpath(path)
@@ -289,7 +294,8 @@ def check(solutions: Path = SOLUTIONS, notebooks: Path = NOTEBOOKS) -> list[Repo
             detail = f"{problem}; run `make student` (it keeps your answers, or says why it cannot)"
             reports.append(Report(name, "out of date", detail, ok=False))
         else:
-            reports.append(Report(name, "in step", f"holds your answers to {answers} exercises" if answers else ""))
+            held = f"holds your answers to {_count(answers, 'exercise')}" if answers else ""
+            reports.append(Report(name, "in step", held))
     return reports + _others(notebooks, set(generated))
 
 
@@ -424,7 +430,7 @@ def build(force: bool = False, solutions: Path = SOLUTIONS, notebooks: Path = NO
             continue
         problem, answers = compare(student, handout)
         if problem is None and (answers or _has_outputs(student)):
-            detail = f"your answers to {answers} exercises" if answers else "your outputs"
+            detail = f"your answers to {_count(answers, 'exercise')}" if answers else "your outputs"
             reports.append(Report(name, "in step, left as you saved it", detail))
             continue
         if problem is None:  # same cells, nothing run or typed: only the file's layout or metadata differ
@@ -438,7 +444,7 @@ def build(force: bool = False, solutions: Path = SOLUTIONS, notebooks: Path = NO
             continue
         saved = backup(target) if carried or unplaced or _has_outputs(student) else None  # anything of theirs
         _write(target, render(merged))
-        detail = [f"{carried} answers carried over" if carried else "", f"not carried: {'; '.join(unplaced)}"
+        detail = [f"{_count(carried, 'answer')} carried over" if carried else "", f"not carried: {'; '.join(unplaced)}"
                   if unplaced else "", f"backup {shown(saved)}" if saved else ""]
         reports.append(Report(name, "regenerated", ", ".join(d for d in detail if d)))
     return reports + _others(notebooks, set(generated))
@@ -484,8 +490,9 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 return 1
             answered = sum(r.state == "in step" and bool(r.detail) for r in reports)
-            held = f"; {answered} notebooks hold your answers" if answered else ""
-            print(f"{shown(notebooks)} is in step with {shown(solutions)} ({len(reports)} notebooks{held})")
+            verb = "holds" if answered == 1 else "hold"
+            held = f"; {_count(answered, 'notebook')} {verb} your answers" if answered else ""
+            print(f"{shown(notebooks)} is in step with {shown(solutions)} ({_count(len(reports), 'notebook')}{held})")
             return 0
         reports = build(force=args.force, solutions=solutions, notebooks=notebooks)
         for r in reports:
