@@ -1,5 +1,5 @@
-"""gpt2lab.attention against torch's fused attention and hand cases; notebook 01's checks on the reference, a stub
-and planted bugs."""
+"""gpt2lab.attention against torch's fused attention and hand cases (notebook 01's checks are tested in
+test_checks_attention.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import attention as A
-from gpt2lab.checks import attention as check
 
 
 def _qkv(B=2, nh=3, Tq=6, Tk=6, hs=8, seed=0):
@@ -107,93 +106,6 @@ def test_dropout_on_weights_only_in_training():
     assert torch.equal(m(x), m(x))
 
 
-# ----------------------------------------------------------------------------- notebook 01 checks
-
-
-def _stub(*args, **kwargs):
-    raise NotImplementedError()
-
-
-def _heads_by_hand(module, x, mask):
-    q, k, v = module.c_attn(x).split(module.n_embd, dim=2)
-    q, k, v = (A.split_heads(t, module.n_head) for t in (q, k, v))
-    out, _ = A.attention(q, k, v, mask if mask is not None else A.causal_mask(x.shape[1]))
-    return module.c_proj(A.merge_heads(out))
-
-
-def _attention_no_scale(q, k, v, mask=None):
-    s = q @ k.transpose(-2, -1)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    w = s.softmax(-1)
-    return w @ v, w
-
-
-def _self_attention_no_mask(module, x, mask):
-    q, k, v = module.c_attn(x).split(module.n_embd, dim=2)
-    q, k, v = (A.split_heads(t, module.n_head) for t in (q, k, v))
-    out, _ = A.attention(q, k, v, None)  # forgets the causal mask
-    return module.c_proj(A.merge_heads(out))
-
-
-CASES = {
-    "attention_scores": (A.attention_scores, lambda q, k: q @ k.transpose(-2, -1)),
-    "causal_mask": (A.causal_mask, lambda T: torch.ones(T, T, dtype=torch.bool).tril(-1)),
-    "padding_mask": (A.padding_mask, lambda m: m.bool()[:, None, :, None]),
-    "attention": (A.attention, _attention_no_scale),
-    "split_heads": (A.split_heads, lambda x, nh: x.view(x.shape[0], nh, x.shape[1], -1)),
-    "merge_heads": (A.merge_heads, lambda x: x.reshape(x.shape[0], x.shape[2], -1)),
-    "self_attention": (_heads_by_hand, _self_attention_no_mask),
-}
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_check_passes_on_reference_fails_on_stub_and_bug(name):
-    reference, bug = CASES[name]
-    fn = getattr(check, name)
-    good = fn(reference)
-    assert good, str(good)
-    assert str(good).startswith("✓")
-    stub = fn(_stub)
-    assert not stub and "not implemented yet" in str(stub)
-    bad = fn(bug)
-    assert not bad and str(bad).startswith("✗"), str(bad)
-
-
-def test_check_messages_name_the_mistake():
-    assert "not scaled" in str(check.attention_scores(lambda q, k: q @ k.transpose(-2, -1)))
-    assert "diagonal" in str(check.causal_mask(lambda T: torch.ones(T, T, dtype=torch.bool).tril(-1)))
-    assert "inverted" in str(check.causal_mask(lambda T: ~torch.ones(T, T, dtype=torch.bool).tril()))
-    assert "transpose" in str(check.split_heads(lambda x, nh: x.view(x.shape[0], nh, x.shape[1], -1)))
-    assert "return" in str(check.causal_mask(lambda T: None))
-
-
-def test_padded_batch_check():
-    torch.manual_seed(0)
-    padded = torch.randn(2, 4, 3)
-    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
-    alone = [padded[0:1], padded[1:2, 2:]]
-    assert check.padded_batch(padded, alone, mask)
-    alone[1] = alone[1] + 1e-3
-    assert not check.padded_batch(padded, alone, mask)
-
-
 def test_scaling_constant():
     q, k, _ = _qkv(hs=64)
     assert torch.allclose(A.attention_scores(q, k) * math.sqrt(64), q @ k.transpose(-2, -1), atol=1e-5)
-
-
-def test_self_attention_check_names_the_earlier_stub():
-    def split_heads(x, n_head):  # an earlier exercise, still a stub
-        raise NotImplementedError()
-
-    def self_attention(module, x, mask):
-        q, k, v = module.c_attn(x).split(module.n_embd, dim=2)
-        q, k, v = (split_heads(t, module.n_head) for t in (q, k, v))
-        out, _ = A.attention(q, k, v, mask if mask is not None else A.causal_mask(x.shape[1]))
-        return module.c_proj(A.merge_heads(out))
-
-    result = str(check.self_attention(self_attention))
-    assert result.startswith("✗") and "not implemented yet: split_heads" in result, result
-    own_stub = str(check.self_attention(_stub))  # the exercise itself unfinished: the plain message
-    assert "not implemented yet" in own_stub and "earlier exercise" not in own_stub, own_stub

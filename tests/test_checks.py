@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from check_helpers import NOT_YET, assert_mistake_line, stub
 
 from gpt2lab import data
 from gpt2lab.checks import check, compare, expect
@@ -74,10 +75,6 @@ def test_stub_and_exceptions_become_one_line():
 # ----------------------------------------------------------------------------- notebook 00 checks
 
 
-def stub(*args):
-    raise NotImplementedError()
-
-
 def _count(pairs):
     return sum(p.label for p in pairs)
 
@@ -116,13 +113,13 @@ def test_duplicate_rate_check_passes_reference_and_alternatives():
                         lambda pairs: statistics.mean(p.label for p in pairs),
                         lambda pairs: sum(p.label == 1 for p in pairs) / len(pairs)):  # fmt: skip
         assert welcome_checks.duplicate_rate(alternative).passed
-    assert "not implemented yet" in str(welcome_checks.duplicate_rate(stub))
+    assert_mistake_line(welcome_checks.duplicate_rate(stub), "duplicate_rate", NOT_YET)
 
 
 @pytest.mark.parametrize("mistake", list(DUPLICATE_RATE_MISTAKES))
 def test_duplicate_rate_check_names_each_mistake(mistake):
     fn, message = DUPLICATE_RATE_MISTAKES[mistake]
-    assert str(welcome_checks.duplicate_rate(fn)) == f"✗ duplicate_rate: {message}"
+    assert_mistake_line(welcome_checks.duplicate_rate(fn), "duplicate_rate", message)
 
 
 TOKENS_PER_LINE_MISTAKES = {  # planted mistake -> the exact ✗ line
@@ -150,13 +147,13 @@ def test_tokens_per_line_check_passes_reference_and_alternatives(tokenizer):
     assert welcome_checks.tokens_per_line(tokens_per_line, tokenizer).passed
     assert welcome_checks.tokens_per_line(lambda text, tok: [len(tok.tokens(line)) for line in text.splitlines()],
                                           tokenizer).passed  # fmt: skip
-    assert "not implemented yet" in str(welcome_checks.tokens_per_line(stub, tokenizer))
+    assert_mistake_line(welcome_checks.tokens_per_line(stub, tokenizer), "tokens_per_line", NOT_YET)
 
 
 @pytest.mark.parametrize("mistake", list(TOKENS_PER_LINE_MISTAKES))
 def test_tokens_per_line_check_names_each_mistake(mistake, tokenizer):
     fn, message = TOKENS_PER_LINE_MISTAKES[mistake]
-    assert str(welcome_checks.tokens_per_line(fn, tokenizer)) == f"✗ tokens_per_line: {message}"
+    assert_mistake_line(welcome_checks.tokens_per_line(fn, tokenizer), "tokens_per_line", message)
 
 
 def test_crash_line_points_at_the_students_line():

@@ -4,14 +4,9 @@ separates per-group learning rates and a scheduler from the defaults."""
 
 import pytest
 import torch
+from check_helpers import NOT_YET, assert_mistake_line, assert_passes, stub
 
 from gpt2lab.checks import adamw as check
-
-NOT_YET = "not implemented yet (replace `raise NotImplementedError()` with your code)"
-
-
-def _stub(*args, **kwargs):
-    raise NotImplementedError()
 
 
 def moments(m, v, g, b1, b2):
@@ -112,9 +107,30 @@ def _optimizer_with(bug):
     return type(f"MyAdamW_{bug}", (MyAdamW,), {"bug": bug})
 
 
+class _StubOptimizer(torch.optim.Optimizer):
+    def __init__(self, params, **kw):
+        super().__init__(params, kw)
+
+    def step(self):
+        raise NotImplementedError()
+
+
+class _NotebookStubOptimizer(torch.optim.Optimizer):
+    """The notebook's stub: step() decorated, the NotImplementedError inside the loops."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for _p in group["params"]:
+                raise NotImplementedError()
+
+
 MISTAKES = [
     # update_moments
-    ("update_moments", _stub, NOT_YET),
+    ("update_moments", stub, NOT_YET),
     ("update_moments", lambda m, v, g, b1, b2: (b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g),
      "v averages the SQUARED gradient g∘g, not g"),
     ("update_moments", lambda m, v, g, b1, b2: ((1 - b1) * m + b1 * g, b2 * v + (1 - b2) * g * g),
@@ -130,7 +146,7 @@ MISTAKES = [
      "(no *=, -=, mul_, add_ on them)"),
     ("update_moments", lambda m, v, g, b1, b2: (m, v), "m (betas 0.9, 0.999)[…"),
     # bias_correction
-    ("bias_correction", _stub, NOT_YET),
+    ("bias_correction", stub, NOT_YET),
     ("bias_correction", lambda m, v, b1, b2, t: (m * (1 - b1**t), v / (1 - b2**t)),
      "m_hat at t=10: divide by 1 − β1^t, not multiply"),
     ("bias_correction", lambda m, v, b1, b2, t: (m / (1 - b1**t), v / (1 - b1**t)),
@@ -147,7 +163,7 @@ MISTAKES = [
      "you modified m in place: return new tensors (m_hat = m / (1 - beta1**t)); the caller's tensors must stay as "
      "they were (no *=, -=, mul_, add_ on them)"),
     # decoupled_decay
-    ("decoupled_decay", _stub, NOT_YET),
+    ("decoupled_decay", stub, NOT_YET),
     ("decoupled_decay", lambda theta, lr, wd: theta * (1 - wd),
      "the decay is scaled by the learning rate: θ·(1 − lr·λ), not θ·(1 − λ)"),
     ("decoupled_decay", lambda theta, lr, wd: theta - lr * wd,
@@ -159,7 +175,7 @@ MISTAKES = [
      "stay as they were (no *=, -=, mul_, add_ on them)"),
     ("decoupled_decay", lambda theta, lr, wd: theta, "decayed θ (lr 0.01, weight_decay 0.1)[…"),
     # adamw_update (the notebook's adamw_step)
-    ("adamw_update", _stub, NOT_YET),
+    ("adamw_update", stub, NOT_YET),
     ("adamw_update", _step_with("no_bias_correction"),
      "step 1: looks like the bias correction is missing: divide m by 1 − β1^t and v by 1 − β2^t"),
     ("adamw_update", _step_with("coupled"),
@@ -212,19 +228,16 @@ MISTAKES = [
      "the step count t grows once per parameter, not once per step: keep one count per parameter, in self.state[p]"),
     ("adamw_optimizer", _optimizer_with("tiny"), "the parameter after step 1 (one group, lr 0.03)[…"),
     ("adamw_optimizer", lambda params, **kw: object(), "your class should subclass torch.optim.Optimizer"),
+    # the optimizer's stubs (appended last: the ids above stay as they were)
+    ("adamw_optimizer", _StubOptimizer, NOT_YET),
+    ("adamw_optimizer", _NotebookStubOptimizer, NOT_YET),
 ]
 
 
 @pytest.mark.parametrize("name, answer, message", MISTAKES,
                          ids=[f"{name}-{i}" for i, (name, _, _) in enumerate(MISTAKES)])
 def test_each_mistake_gets_its_line(name, answer, message):
-    result = getattr(check, name)(answer)
-    line = str(result)
-    assert not result and "\n" not in line and line.count("✗") == 1, line
-    if message.endswith("…"):
-        assert line.startswith(f"✗ {name}: {message[:-1]}"), line
-    else:
-        assert line == f"✗ {name}: {message}", line
+    assert_mistake_line(getattr(check, name)(answer), name, message)
 
 
 def _step_in_torch_order(theta, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
@@ -277,8 +290,7 @@ ALTERNATIVES = [
 
 @pytest.mark.parametrize("name, answer", ALTERNATIVES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(ALTERNATIVES)])
 def test_correct_answers_pass(name, answer):
-    result = getattr(check, name)(answer)
-    assert result and str(result).startswith(f"✓ {name}: "), str(result)
+    assert_passes(getattr(check, name)(answer), name)
 
 
 def test_optimizer_check_leaves_the_reference_alone_with_a_scheduler():
@@ -293,3 +305,47 @@ def test_optimizer_check_leaves_the_reference_alone_with_a_scheduler():
     assert check.adamw_optimizer(Spy)
     per_group = [lrs for lrs in seen if len(lrs) == 2]
     assert len({lrs[0] for lrs in per_group}) > 3 and all(a != b for a, b in per_group), per_group[:5]
+
+
+def test_update_check_pass_line_names_the_hand_computed_example():
+    assert "hand-computed" in str(check.adamw_update(step))
+
+
+def test_a_mistake_without_a_hint_gets_the_element_level_line():
+    line = str(check.adamw_update(_step_with("tiny")))
+    assert line.startswith("✗ adamw_update: θ after step 1[") and "max |diff|" in line, line
+
+
+@pytest.mark.parametrize("stubbed", ["update_moments", "bias_correction", "decoupled_decay"])
+def test_adamw_update_check_names_the_earlier_stub(stubbed):
+    def raising(*args):  # an earlier exercise, still a stub
+        raise NotImplementedError()
+
+    raising.__code__ = raising.__code__.replace(co_name=stubbed)
+    pieces = {"update_moments": moments, "bias_correction": corrected, "decoupled_decay": decay, stubbed: raising}
+
+    def adamw_step(theta, g, m, v, t, lr, beta1, beta2, eps, weight_decay):
+        theta = pieces["decoupled_decay"](theta, lr, weight_decay)
+        m, v = pieces["update_moments"](m, v, g, beta1, beta2)
+        m_hat, v_hat = pieces["bias_correction"](m, v, beta1, beta2, t)
+        return theta - lr * m_hat / (v_hat.sqrt() + eps), m, v
+
+    result = str(check.adamw_update(adamw_step))
+    assert result.startswith("✗") and f"not implemented yet: {stubbed} (an earlier exercise" in result, result
+
+
+def test_optimizer_check_names_the_earlier_stub():
+    def adamw_step(theta, g, m, v, t, lr, beta1, beta2, eps, weight_decay):  # exercise 4, still a stub
+        raise NotImplementedError()
+
+    class CallsTheStub(MyAdamW):
+        @torch.no_grad()
+        def step(self):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    m, v = torch.zeros_like(p), torch.zeros_like(p)
+                    p.copy_(adamw_step(p, p.grad, m, v, 1, group["lr"], *group["betas"], group["eps"],
+                                       group["weight_decay"])[0])
+
+    result = str(check.adamw_optimizer(CallsTheStub))
+    assert result.startswith("✗") and "not implemented yet: adamw_step (an earlier exercise" in result, result

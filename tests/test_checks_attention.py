@@ -6,13 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from check_helpers import NOT_YET, assert_mistake_line, assert_passes, stub
 
 from gpt2lab import attention as A
 from gpt2lab.checks import attention as check
-
-
-def _stub(*args, **kwargs):
-    raise NotImplementedError()
 
 
 def _attention_with(weights_of):
@@ -39,6 +36,11 @@ def _self_attention_with(order=(0, 1, 2), proj=True, causal_default=True, use_ma
         y = A.merge_heads(out)
         return module.c_proj(y) if proj else y
     return self_attention
+
+
+def _attention_unscaled_masked(q, k, v, mask=None):  # the mask applied right, the scores not scaled
+    weights = _softmax_masked(q @ k.transpose(-2, -1), mask)
+    return weights @ v, weights
 
 
 def _scores_in_place(q, k):
@@ -72,7 +74,7 @@ def _inverted_in_place_padding(m):
 # (check, answer, the ✗ line's message: exact text, or a prefix ending in "…")
 MISTAKES = [
     # attention_scores
-    ("attention_scores", _stub, "not implemented yet (replace `raise NotImplementedError()` with your code)"),
+    ("attention_scores", stub, NOT_YET),
     ("attention_scores", lambda q, k: q @ k.transpose(-2, -1),
      "the scores are not scaled: divide by sqrt(head_size), i.e. sqrt(q.shape[-1])"),
     ("attention_scores", lambda q, k: q @ k.transpose(-2, -1) / q.shape[-1],
@@ -86,7 +88,7 @@ MISTAKES = [
     ("attention_scores", _scores_in_place,
      "you modified q in place: divide a new tensor (scores / ...), not q or k themselves (q /= ...)"),
     # causal_mask
-    ("causal_mask", _stub, "not implemented yet (replace `raise NotImplementedError()` with your code)"),
+    ("causal_mask", stub, NOT_YET),
     ("causal_mask", lambda T: torch.ones(T, T, dtype=torch.bool).tril(-1),
      "the diagonal is missing: a token may attend to itself (s <= t, not s < t)"),
     ("causal_mask", lambda T: ~torch.ones(T, T, dtype=torch.bool).tril(),
@@ -103,7 +105,7 @@ MISTAKES = [
      "adds the batch and head dims"),
     ("causal_mask", lambda T: None, "causal_mask returned None: did you forget to `return`?"),
     # padding_mask
-    ("padding_mask", _stub, "not implemented yet (replace `raise NotImplementedError()` with your code)"),
+    ("padding_mask", stub, NOT_YET),
     ("padding_mask", lambda m: m.bool()[:, None, :, None],
      "the mask is (B, 1, T, 1): that masks queries; padding removes keys, so T goes last: (B, 1, 1, T)"),
     ("padding_mask", lambda m: m.bool(),
@@ -117,7 +119,7 @@ MISTAKES = [
      "you modified attention_mask in place: build a new tensor (attention_mask.bool()[...]) instead of writing "
      "into it"),
     # attention
-    ("attention", _stub, "not implemented yet (replace `raise NotImplementedError()` with your code)"),
+    ("attention", stub, NOT_YET),
     ("attention", lambda q, k, v, mask=None: A.attention(q, k, v, mask)[0],
      "attention returned one tensor of shape (2, 3, 4, 8); return the pair (output, weights): "
      "`return weights @ v, weights`"),
@@ -144,7 +146,7 @@ MISTAKES = [
      "backward through your attention failed (one of the variables needed for gradient computation has been "
      "modified by an inplace operation: …"),
     # split_heads
-    ("split_heads", _stub, "not implemented yet (replace `raise NotImplementedError()` with your code)"),
+    ("split_heads", stub, NOT_YET),
     ("split_heads", lambda x, nh: x.view(x.shape[0], nh, x.shape[1], -1),
      "reshaping straight to (B, nh, T, hs) mixes tokens: view as (B, T, nh, hs), then transpose(1, 2)"),
     ("split_heads", lambda x, nh: x.view(*x.shape[:2], nh, -1),
@@ -158,7 +160,7 @@ MISTAKES = [
     ("split_heads", lambda x, nh: x.view(*x.shape[:2], 4, -1).transpose(1, 2),  # n_head hard-coded to 4
      "split_heads(x, 2) has shape (2, 4, 3, 5), expected (2, 2, 3, 10)"),
     # merge_heads
-    ("merge_heads", _stub, "not implemented yet (replace `raise NotImplementedError()` with your code)"),
+    ("merge_heads", stub, NOT_YET),
     ("merge_heads", lambda x: x.reshape(x.shape[0], x.shape[2], -1),
      "reshaping (B, nh, T, hs) straight to (B, T, C) mixes tokens: transpose(1, 2) first, then reshape"),
     ("merge_heads", _merge_with_view,
@@ -170,7 +172,7 @@ MISTAKES = [
     ("merge_heads", lambda x: x.transpose(1, 2),
      "shape should be (B, T, C) = (2, 3, 20), got (2, 3, 4, 5)"),
     # self_attention
-    ("self_attention", _stub, "not implemented yet (replace `raise NotImplementedError()` with your code)"),
+    ("self_attention", stub, NOT_YET),
     ("self_attention", _self_attention_with(causal_default=False),
      "with mask=None use the causal mask (causal_mask(T)): without it every token sees the future"),
     ("self_attention", _self_attention_with(proj=False),
@@ -184,19 +186,18 @@ MISTAKES = [
      "return only the output (B, T, C), not a tuple: unpack `out, _ = attention(...)`"),
     ("self_attention", lambda module, x, mask=None: _self_attention_with()(module, x.detach(), mask).detach(),
      "the output carries no gradient: no torch.no_grad() or .detach() in the forward, the model trains through it"),
+    # appended last: the ids above stay as they were
+    ("attention", _attention_unscaled_masked,
+     "the scores are not scaled: divide q·k by sqrt(head_size) (your attention_scores)"),
+    ("self_attention", _self_attention_with(causal_default=False, use_mask=False),  # never any mask
+     "with mask=None use the causal mask (causal_mask(T)): without it every token sees the future"),
 ]
 
 
 @pytest.mark.parametrize("name, answer, message", MISTAKES,
                          ids=[f"{name}-{i}" for i, (name, _, _) in enumerate(MISTAKES)])
 def test_each_mistake_gets_its_line(name, answer, message):
-    result = getattr(check, name)(answer)
-    line = str(result)
-    assert not result and "\n" not in line and line.count("✗") == 1, line
-    if message.endswith("…"):
-        assert line.startswith(f"✗ {name}: {message[:-1]}"), line
-    else:
-        assert line == f"✗ {name}: {message}", line
+    assert_mistake_line(getattr(check, name)(answer), name, message)
 
 
 def _attention_where(q, k, v, mask=None):  # torch.where and -1e9 instead of masked_fill and -inf
@@ -237,8 +238,7 @@ ALTERNATIVES = [
 
 @pytest.mark.parametrize("name, answer", ALTERNATIVES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(ALTERNATIVES)])
 def test_correct_answers_pass(name, answer):
-    result = getattr(check, name)(answer)
-    assert result and str(result).startswith(f"✓ {name}: "), str(result)
+    assert_passes(getattr(check, name)(answer), name)
 
 
 def test_crash_names_the_learners_line():
@@ -246,3 +246,29 @@ def test_crash_names_the_learners_line():
         return q @ k  # (.., Tq, hs) @ (.., Tk, hs): no transpose
     line = str(check.attention_scores(attention_scores))
     assert line.startswith("✗ attention_scores: your code raised RuntimeError") and "return q @ k" in line, line
+
+
+def test_padded_batch_check():
+    torch.manual_seed(0)
+    padded = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    alone = [padded[0:1], padded[1:2, 2:]]
+    assert check.padded_batch(padded, alone, mask)
+    alone[1] = alone[1] + 1e-3
+    assert not check.padded_batch(padded, alone, mask)
+
+
+def test_self_attention_check_names_the_earlier_stub():
+    def split_heads(x, n_head):  # an earlier exercise, still a stub
+        raise NotImplementedError()
+
+    def self_attention(module, x, mask):
+        q, k, v = module.c_attn(x).split(module.n_embd, dim=2)
+        q, k, v = (split_heads(t, module.n_head) for t in (q, k, v))
+        out, _ = A.attention(q, k, v, mask if mask is not None else A.causal_mask(x.shape[1]))
+        return module.c_proj(A.merge_heads(out))
+
+    result = str(check.self_attention(self_attention))
+    assert result.startswith("✗") and "not implemented yet: split_heads" in result, result
+    own_stub = str(check.self_attention(stub))  # the exercise itself unfinished: the plain message
+    assert "not implemented yet" in own_stub and "earlier exercise" not in own_stub, own_stub

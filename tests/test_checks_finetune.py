@@ -5,16 +5,12 @@ checked through its gradient."""
 import pytest
 import torch
 import torch.nn.functional as F
+from check_helpers import NOT_YET, assert_mistake_line, assert_passes, stub
 
 from gpt2lab import tasks
 from gpt2lab.checks import finetune as check
 
-NOT_YET = "not implemented yet (replace `raise NotImplementedError()` with your code)"
 NO, YES = 3919, 8505
-
-
-def _stub(*args, **kwargs):
-    raise NotImplementedError()
 
 
 def _last(mask):  # the last real position, as a learner may write it
@@ -67,7 +63,7 @@ def _loss_grad_scaled(logits, mask, labels):
 
 MISTAKES = [
     # lm_targets
-    ("lm_targets", _stub, NOT_YET),
+    ("lm_targets", stub, NOT_YET),
     ("lm_targets", lambda ids, mask: ids[:, 1:],
      "padding is not masked: put -100 (IGNORE_INDEX) wherever token t or t+1 is padding"),
     ("lm_targets", lambda ids, mask: ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100),
@@ -92,7 +88,7 @@ MISTAKES = [
     ("lm_targets", lambda ids, mask: _targets_in_place(ids.clone(), mask) + (torch.arange(6) == 2),  # no hint
      "targets[0, 2]: …"),
     # cloze_predict
-    ("cloze_predict", _stub, NOT_YET),
+    ("cloze_predict", stub, NOT_YET),
     ("cloze_predict", _predict_at(lambda m: torch.full((len(m),), m.shape[1] - 1)),
      "the answer is read at the last column, which is padding in the right-padded rows: read it at the last real "
      "token (the last position whose mask is 1)"),
@@ -115,7 +111,7 @@ MISTAKES = [
     ("cloze_predict", _predict_in_place,
      "you modified logits in place: read from the logits, do not write into them"),
     # cloze_loss
-    ("cloze_loss", _stub, NOT_YET),
+    ("cloze_loss", stub, NOT_YET),
     ("cloze_loss", lambda lg, m, lab: F.cross_entropy(lg[_rows(lab), _last(m)], torch.tensor([NO, YES])[lab]),
      "the cross-entropy runs over the whole vocabulary: keep only the two answer logits, logits[..., [NO_ID, YES_ID]] "
      "(a 2-way softmax)"),
@@ -149,19 +145,18 @@ MISTAKES = [
      "you modified logits in place: read from the logits, do not write into them"),
     ("cloze_loss", lambda lg, m, lab: _loss_at(_last)(lg, m, lab) + 1e-3 * (m[:, -1] == 0).any(),  # wrong if right-pad
      "loss (right-padded; right when left-padded): …"),
+    # two mistakes at once (appended last: the ids above stay as they were)
+    ("lm_targets", lambda ids, mask: ids[:, :-1].masked_fill(mask[:, 1:] == 0, -100),
+     "the targets are not shifted: position t predicts token t+1, so the targets are input_ids[:, 1:]"),
+    ("lm_targets", lambda ids, mask: ids[:, 1:].masked_fill(mask[:, 1:] == 0, 0),
+     "targets[1, 3]: expected -100, got 0"),
 ]
 
 
 @pytest.mark.parametrize("name, answer, message", MISTAKES,
                          ids=[f"{name}-{i}" for i, (name, _, _) in enumerate(MISTAKES)])
 def test_each_mistake_gets_its_line(name, answer, message):
-    result = getattr(check, name)(answer)
-    line = str(result)
-    assert not result and "\n" not in line and line.count("✗") == 1, line
-    if message.endswith("…"):
-        assert line.startswith(f"✗ {name}: {message[:-1]}"), line
-    else:
-        assert line == f"✗ {name}: {message}", line
+    assert_mistake_line(getattr(check, name)(answer), name, message)
 
 
 def _loss_bce(logits, mask, labels):  # binary cross-entropy on yes - no: the same loss, written differently
@@ -173,6 +168,10 @@ def _loss_log_softmax(logits, mask, labels):
     last = torch.stack([row.nonzero().max() for row in mask])
     two = logits[_rows(labels), last][:, [NO, YES]].log_softmax(-1)
     return -two.gather(1, labels[:, None]).mean()
+
+
+def _loss_float_columns(logits, mask, labels):  # the library's last_token_index, the two columns cast to float
+    return F.cross_entropy(logits[_rows(labels), tasks.last_token_index(mask)][:, [NO, YES]].float(), labels)
 
 
 ALTERNATIVES = [
@@ -187,10 +186,22 @@ ALTERNATIVES = [
     ("cloze_loss", _loss_at(_last)),
     ("cloze_loss", _loss_bce),
     ("cloze_loss", _loss_log_softmax),
+    ("cloze_loss", _loss_float_columns),
 ]
 
 
 @pytest.mark.parametrize("name, answer", ALTERNATIVES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(ALTERNATIVES)])
 def test_correct_answers_pass(name, answer):
-    result = getattr(check, name)(answer)
-    assert result and str(result).startswith(f"✓ {name}: "), str(result)
+    assert_passes(getattr(check, name)(answer), name)
+
+
+def test_lm_targets_check_agrees_with_lm_loss_under_left_padding():
+    """The notebook's targets and gpt2lab.model.lm_loss mask the same pairs, also for left-padded rows."""
+    from gpt2lab.model import lm_loss
+
+    ids, mask = check._padded_batch()
+    assert mask[3, 0] == 0 and mask[3, -1] == 1  # the check really has a left-padded row
+    targets = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), tasks.IGNORE_INDEX)
+    logits = torch.randn(*ids.shape, 50, generator=torch.Generator().manual_seed(5))
+    by_targets = F.cross_entropy(logits[:, :-1].reshape(-1, 50), targets.reshape(-1), ignore_index=-100)
+    assert by_targets.item() == pytest.approx(lm_loss(logits, ids, mask).item(), abs=1e-6)

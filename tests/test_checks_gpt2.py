@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from check_helpers import NOT_YET, assert_mistake_line, assert_passes, stub
 from tiny_gpt2 import pair
 
 from gpt2lab import generate as G
@@ -15,14 +16,6 @@ from gpt2lab.checks import gpt2 as check
 from gpt2lab.model import KVCache
 
 INF = float("-inf")
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError()
-
-
-def assert_fails(result, message):
-    assert str(result) == f"✗ {result.name}: {message}", str(result)
 
 
 # ----------------------------------------------------------------------------------------------------------- embed
@@ -288,6 +281,12 @@ def greedy_cache_then_prefix(model, ids, n):
     return ids
 
 
+def greedy_second_to_last_no_cache(model, ids, n):
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids)[:, -2].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
 def greedy_new_tokens_only(model, ids, n):
     return greedy_ok(model, ids, n)[:, ids.shape[1] :]
 
@@ -319,6 +318,9 @@ GREEDY_MISTAKES = {
                                                 "them, (B, T + max_new_tokens) = (2, 14)"),
     "float tokens": (greedy_float, "greedy tokens has dtype torch.float32, expected integers (torch.int64), e.g. "
                                    "token ids"),
+    "second-to-last position, no cache": (greedy_second_to_last_no_cache,
+                                          "model call 1 has no cache: pass `cache=cache` so the keys and values are "
+                                          "stored and reused"),
 }  # fmt: skip
 
 
@@ -422,10 +424,10 @@ TOP_P_MISTAKES = {
 # ----------------------------------------------------------------------------------------------------------- tests
 
 CASES = {  # exercise -> (reference, correct alternatives, planted mistakes)
-    "embed": (embed_ok, [embed_indexing_in_place_add], EMBED_MISTAKES),
-    "block_forward": (block_ok, [block_tanh_formula], BLOCK_MISTAKES),
-    "logits_from_hidden": (head_ok, HEAD_ALTERNATIVES, HEAD_MISTAKES),
-    "greedy": (greedy_ok, [greedy_preallocated], GREEDY_MISTAKES),
+    "embed": (embed_ok, [embed_indexing_in_place_add, lambda m, ids, pos: m.embed(ids, pos)], EMBED_MISTAKES),
+    "block_forward": (block_ok, [block_tanh_formula, lambda b, x: b(x)], BLOCK_MISTAKES),
+    "logits_from_hidden": (head_ok, [*HEAD_ALTERNATIVES, lambda m, h: m.head(h)], HEAD_MISTAKES),
+    "greedy": (greedy_ok, [greedy_preallocated, greedy_ok.__wrapped__], GREEDY_MISTAKES),  # ... without no_grad
     "top_k_filter": (G.top_k_filter, [top_k_scatter], TOP_K_MISTAKES),
     "top_p_filter": (G.top_p_filter, [top_p_transformers_style, top_p_shifted], TOP_P_MISTAKES),
 }
@@ -436,15 +438,14 @@ def test_reference_and_alternatives_pass_stub_is_not_implemented(name):
     reference, alternatives, _ = CASES[name]
     run = getattr(check, name)
     for fn in [reference, *alternatives]:
-        result = run(fn)
-        assert result.passed and str(result).startswith(f"✓ {name}: "), str(result)
-    assert str(run(stub)) == f"✗ {name}: not implemented yet (replace `raise NotImplementedError()` with your code)"
+        assert_passes(run(fn), name)
+    assert_mistake_line(run(stub), name, NOT_YET)
 
 
 @pytest.mark.parametrize("name, mistake", [(n, m) for n, (_, _, ms) in CASES.items() for m in ms])
 def test_each_planted_mistake_gets_its_line(name, mistake):
     fn, message = CASES[name][2][mistake]
-    assert_fails(getattr(check, name)(fn), message)
+    assert_mistake_line(getattr(check, name)(fn), name, message)
 
 
 def test_greedy_check_leaves_the_students_random_state_alone():

@@ -1,6 +1,6 @@
 """gpt2lab.generate against transformers' generate (greedy, beam search), KV cache vs no cache, sampling filters,
-argument errors, best-of-n, wrapped and compiled-like models, and notebook 02's checks on the reference, a stub and
-planted bugs."""
+argument errors, best-of-n, wrapped and compiled-like models, and notebook 02's checks that compare against
+transformers (the exercise checks against planted mistakes are in test_checks_gpt2.py)."""
 
 from __future__ import annotations
 
@@ -349,98 +349,8 @@ def test_generate_on_fresh_tiny_config():
 
 
 # ----------------------------------------------------------------------------- notebook 02 checks
-
-
-def _stub(*args, **kwargs):
-    raise NotImplementedError()
-
-
-def _greedy_cached(model, ids, n):
-    from gpt2lab.model import KVCache
-
-    cache = KVCache.for_model(model, batch_size=ids.shape[0], max_length=ids.shape[1] + n)
-    logits = model(ids, cache=cache)
-    for _ in range(n):
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, token], 1)
-        logits = model(token, cache=cache)
-    return ids
-
-
-def _greedy_cache_then_full_prefix(model, ids, n):  # fills a cache with the prompt, then reruns the whole prefix
-    from gpt2lab.model import KVCache
-
-    cache = KVCache.for_model(model, batch_size=ids.shape[0], max_length=ids.shape[1] + n)
-    logits = model(ids, cache=cache)
-    for _ in range(n):
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
-        logits = model(ids)
-    return ids
-
-
-def _greedy_no_cache(model, ids, n):
-    for _ in range(n):
-        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids
-
-
-def _greedy_off_by_one(model, ids, n):
-    for _ in range(n):
-        ids = torch.cat([ids, model(ids)[:, -2].argmax(-1, keepdim=True)], 1)
-    return ids
-
-
-def _top_p_drops_top(logits, p):
-    out = G.top_p_filter(logits, p)
-    return out.scatter(1, logits.argmax(-1, keepdim=True), float("-inf")) if p < 0.05 else out
-
-
-def _top_p_exclusive(logits, p):  # keeps tokens while the cumulative mass *including* them is < p
-    s, order = logits.sort(-1, descending=True)
-    remove = s.softmax(-1).cumsum(-1) >= p
-    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-
-
-CASES = {
-    "embed": (lambda m, ids, pos: m.embed(ids, pos), lambda m, ids, pos: m.transformer.wte(ids)),
-    "block_forward": (
-        lambda b, x: b(x),
-        lambda b, x: (lambda h: b.ln_2(h + b.mlp(h)))(b.ln_1(x + b.attn(x))),  # post-LN
-    ),
-    "logits_from_hidden": (lambda m, h: m.head(h), lambda m, h: h @ m.transformer.wpe.weight.T),
-    "top_k_filter": (G.top_k_filter, lambda lg, k: G.top_k_filter(lg, k + 1) if k < lg.shape[-1] else lg),
-    "top_p_filter": (G.top_p_filter, _top_p_exclusive),
-    "greedy": (_greedy_cached, _greedy_off_by_one),
-}
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_check_passes_on_reference_fails_on_stub_and_bug(name):
-    reference, bug = CASES[name]
-    fn = getattr(check, name)
-    good = fn(reference)
-    assert good and str(good).startswith("✓"), str(good)
-    stub = fn(_stub)
-    assert not stub and "not implemented yet" in str(stub)
-    bad = fn(bug)
-    assert not bad and str(bad).startswith("✗"), str(bad)
-
-
-def test_greedy_check_demands_the_cache():
-    """Right tokens without the cache (rerunning the whole prefix every step) must not pass the exercise."""
-    no_cache = str(check.greedy(_greedy_no_cache))
-    assert no_cache.startswith("✗") and "cache=cache" in no_cache, no_cache
-    full_prefix = str(check.greedy(_greedy_cache_then_full_prefix))
-    assert full_prefix.startswith("✗") and "cache" in full_prefix, full_prefix
-
-
-def test_top_p_check_catches_dropped_top_token():
-    assert "most likely token" in str(check.top_p_filter(_top_p_drops_top))
-
-
-def test_block_check_names_post_ln():
-    bug = CASES["block_forward"][1]
-    assert "post-LayerNorm" in str(check.block_forward(bug))
+# The checks that compare against transformers, on this file's models; the exercise checks (embed ... greedy, top-k,
+# top-p) against planted mistakes are in test_checks_gpt2.py.
 
 
 def test_transformers_checks(models):

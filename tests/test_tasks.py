@@ -1,5 +1,5 @@
 """gpt2lab.tasks: batching, the two losses against hand computations, padding invariance, generation + chrF,
-predictions file, bad inputs, overfitting one batch; and the notebook 04 checks (stub, planted bugs, reference)."""
+predictions file, bad inputs, overfitting one batch (notebook 04's checks are tested in test_checks_finetune.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import metrics, tasks
-from gpt2lab.checks import finetune as checks
 from gpt2lab.data import QuoraPair
 from gpt2lab.model import GPT2, GPT2Config
 from gpt2lab.train import TrainConfig, train
@@ -283,100 +282,8 @@ def test_overfit_one_batch_paraphrase(tokenizer):
     assert task.evaluate(model) == {"accuracy": 1.0, "f1": 1.0}
 
 
-# --------------------------------------------------------------------------------------- notebook checks
-
-
-def _stub(*args):
-    raise NotImplementedError()
-
-
-def test_check_lm_targets():
-    ref = lambda ids, mask: ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), tasks.IGNORE_INDEX)
-    assert checks.lm_targets(ref).passed
-    assert "not implemented yet" in str(checks.lm_targets(_stub))
-    bugs = {
-        "no mask": lambda ids, mask: ids[:, 1:],
-        "target side only (right padding only)": lambda ids, mask: ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100),
-        "not a tensor": lambda ids, mask: ids[:, 1:].tolist(),
-        "mask not shifted": lambda ids, mask: ids[:, 1:].masked_fill(mask[:, :-1] == 0, -100),
-        "targets not shifted": lambda ids, mask: ids[:, :-1].masked_fill(mask[:, 1:] == 0, -100),
-        "all T positions": lambda ids, mask: ids.masked_fill(mask == 0, -100),
-        "pad as 0 not -100": lambda ids, mask: ids[:, 1:].masked_fill(mask[:, 1:] == 0, 0),
-    }
-    for name, bug in bugs.items():
-        result = checks.lm_targets(bug)
-        assert not result.passed, name
-        assert str(result).startswith("✗") and "\n" not in str(result)
-        assert str(result).count("✗") == 1, str(result)  # one ✗, put there by the check machinery
-    assert "left-padded" in str(checks.lm_targets(bugs["target side only (right padding only)"]))
-
-
-def test_lm_targets_check_agrees_with_lm_loss_under_left_padding():
-    """The notebook's targets and gpt2lab.model.lm_loss mask the same pairs, also for left-padded rows."""
-    from gpt2lab.model import lm_loss
-
-    ids, mask = checks._padded_batch()
-    assert mask[3, 0] == 0 and mask[3, -1] == 1  # the check really has a left-padded row
-    targets = ids[:, 1:].masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), tasks.IGNORE_INDEX)
-    logits = torch.randn(*ids.shape, 50, generator=torch.Generator().manual_seed(5))
-    by_targets = F.cross_entropy(logits[:, :-1].reshape(-1, 50), targets.reshape(-1), ignore_index=-100)
-    assert by_targets.item() == pytest.approx(lm_loss(logits, ids, mask).item(), abs=1e-6)
-
-
-def test_check_cloze_predict():
-    assert checks.cloze_predict(tasks.cloze_predict).passed
-    assert "not implemented yet" in str(checks.cloze_predict(_stub))
-    bugs = {
-        "last column": lambda lg, m: (lg[:, -1, 8505] > lg[:, -1, 3919]).long(),
-        "off by one": lambda lg, m: (lg[torch.arange(len(m)), m.sum(1).clamp(max=lg.shape[1] - 1), 8505]
-                                     > lg[torch.arange(len(m)), m.sum(1).clamp(max=lg.shape[1] - 1), 3919]).long(),
-        "right padding only": lambda lg, m: (lg[torch.arange(len(m)), m.sum(1) - 1, 8505]
-                                             > lg[torch.arange(len(m)), m.sum(1) - 1, 3919]).long(),
-        "space tokens": lambda lg, m: (lg[torch.arange(len(m)), tasks.last_token_index(m), 3763]
-                                       > lg[torch.arange(len(m)), tasks.last_token_index(m), 645]).long(),
-        "swapped": lambda lg, m: 1 - tasks.cloze_predict(lg, m),
-    }
-    for name, bug in bugs.items():
-        result = checks.cloze_predict(bug)
-        assert not result.passed, name
-        assert "\n" not in str(result)
-
-
-def _hand_cloze_loss(logits, mask, labels):
-    """The reference loss written out: last real token, ("no", "yes") columns, 2-way cross-entropy, mean."""
-    rows = torch.arange(len(labels))
-    last = tasks.last_token_index(mask)
-    return F.cross_entropy(logits[rows, last][:, [3919, 8505]].float(), labels)
-
-
-def test_check_cloze_loss():
-    assert checks.cloze_loss(tasks.cloze_loss).passed
-    assert checks.cloze_loss(_hand_cloze_loss).passed
-    assert "not implemented yet" in str(checks.cloze_loss(_stub))
-    rows = lambda lab: torch.arange(len(lab))
-    last = tasks.last_token_index
-    bugs = {
-        "full vocabulary": lambda lg, m, lab: F.cross_entropy(
-            lg[rows(lab), last(m)], torch.tensor([8505 if y else 3919 for y in lab.tolist()])),
-        "answer order yes, no": lambda lg, m, lab: F.cross_entropy(lg[rows(lab), last(m)][:, [8505, 3919]], lab),
-        "last column": lambda lg, m, lab: F.cross_entropy(lg[:, -1][:, [3919, 8505]], lab),
-        "mask.sum() - 1 (right padding only)": lambda lg, m, lab: F.cross_entropy(
-            lg[rows(lab), m.sum(1) - 1][:, [3919, 8505]], lab),
-        "sum, not mean": lambda lg, m, lab: F.cross_entropy(
-            lg[rows(lab), last(m)][:, [3919, 8505]], lab, reduction="sum"),
-        "space tokens": lambda lg, m, lab: F.cross_entropy(lg[rows(lab), last(m)][:, [645, 3763]], lab),
-        "labels flipped": lambda lg, m, lab: tasks.cloze_loss(lg, m, 1 - lab),
-        "per-row losses": lambda lg, m, lab: F.cross_entropy(
-            lg[rows(lab), last(m)][:, [3919, 8505]], lab, reduction="none"),
-        ".item()": lambda lg, m, lab: tasks.cloze_loss(lg, m, lab).item(),
-        "detached": lambda lg, m, lab: tasks.cloze_loss(lg.detach(), m, lab),
-    }
-    for name, bug in bugs.items():
-        result = checks.cloze_loss(bug)
-        assert not result.passed, name
-        assert str(result).startswith("✗") and str(result).count("✗") == 1 and "\n" not in str(result), name
-    assert "left-padded" in str(checks.cloze_loss(bugs["mask.sum() - 1 (right padding only)"]))
-    assert "right-padded" in str(checks.cloze_loss(bugs["last column"]))
+# --------------------------------------------------------------------------------------- cloze functions
+# (notebook 04's checks are tested in test_checks_finetune.py)
 
 
 def test_paraphrase_task_trains_and_predicts_with_the_library_cloze_functions(paraphrase_task, monkeypatch):
