@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -309,3 +311,10 @@ def test_course_errors_render_as_one_line_in_jupyter():
         lines = cls("no such thing: do this")._render_traceback_()
         assert len(lines) == 1 and lines[0].endswith(f"{cls.__name__}\x1b[0m: no such thing: do this")
         assert issubclass(cls, FileNotFoundError)  # callers that catch FileNotFoundError keep working
+
+
+def test_shown_paths_are_relative_to_the_repo_or_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: tmp_path))
+    assert data.shown_path(data.REPO_ROOT / "data" / "x.csv") == os.path.join("data", "x.csv")
+    assert data.shown_path(tmp_path / ".cache" / "hub") == os.path.join("~", ".cache", "hub")
+    assert data.shown_path(Path("/opt/elsewhere")) == "/opt/elsewhere"

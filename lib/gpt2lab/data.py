@@ -102,9 +102,14 @@ def data_dir() -> Path:
 
 
 def shown_path(path: Path) -> str:
-    """A path as printed to learners: relative to the repo when it sits in or beside it, else absolute."""
+    """A path as printed to learners: relative to the repo when it sits in or beside it, else absolute, with the
+    home folder written `~` (so outputs kept in the notebooks read the same on every machine)."""
     relative = os.path.relpath(path, REPO_ROOT)
-    return relative if not relative.startswith(os.path.join(os.pardir, os.pardir)) else str(path)
+    if not relative.startswith(os.path.join(os.pardir, os.pardir)):
+        return relative
+    home = Path.home()
+    path = Path(path)
+    return str(Path("~") / path.relative_to(home)) if path.is_relative_to(home) and path != home else str(path)
 
 
 def data_path(name: str) -> Path:

@@ -208,9 +208,9 @@ def _weights_status(value: str | os.PathLike | None) -> tuple[bool | None, str]:
             resolve(name)  # found in the cache, so this only checks the files (no network)
         except WeightsUnavailable as err:
             return (None if quick else False), f"weights: {err}"
-        return True, f"weights {name!r}: cached at {folder}"
+        return True, f"weights {name!r}: cached at {shown_path(folder)}"
     return None, (
-        f"weights {name!r}: not in the Hugging Face cache at {hub_cache_dir()}. "
+        f"weights {name!r}: not in the Hugging Face cache at {shown_path(hub_cache_dir())}. "
         f"{'Quick mode needs none; real' if quick else 'Real'} mode downloads them once on first use (needs "
         f"internet); offline, set {WEIGHTS_ENV}=/path/to/folder (or setup(weights=...)) to a folder holding "
         "config.json and model.safetensors"

@@ -171,8 +171,8 @@ def _download(name: str, cache: Path) -> Path:
     except Exception as err:
         what = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise WeightsUnavailable(
-            f"no GPT-2 weights {name!r}: Hugging Face cache at {cache}: no {name!r}; hub {hub_endpoint()}: "
-            f"{type(err).__name__}: {what}. Check the name; {WAYS_OUT}"
+            f"no GPT-2 weights {name!r}: Hugging Face cache at {shown_path(cache)}: no {name!r}; "
+            f"hub {hub_endpoint()}: {type(err).__name__}: {what}. Check the name; {WAYS_OUT}"
         ) from None
     if missing_files(folder):
         raise WeightsUnavailable(
@@ -236,8 +236,8 @@ def resolve(name_or_folder: str | os.PathLike | None = None) -> Path:
         why = hub_unreachable()
         if why is not None:
             raise WeightsUnavailable(
-                f"no GPT-2 weights {name!r}: Hugging Face cache at {cache}: no {name!r}; hub {hub_endpoint()}: {why}. "
-                f"{WAYS_OUT}"
+                f"no GPT-2 weights {name!r}: Hugging Face cache at {shown_path(cache)}: no {name!r}; "
+                f"hub {hub_endpoint()}: {why}. {WAYS_OUT}"
             )
         folder = _download(name, cache)
     _check_files(folder)
