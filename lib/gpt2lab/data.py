@@ -87,6 +87,12 @@ class OneLineError(Exception):
         return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
 
 
+def first_line(err: Exception) -> str:
+    """The first line of an error's message (its type's name when the message is empty), to quote in one line."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class DataError(OneLineError, ValueError):
     """A data file is present but wrong: the message names the file, the row and the problem."""
 

@@ -13,10 +13,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from .weights import DEFAULT as DEFAULT_WEIGHTS
+
 QUICK_ENV = "GPT2LAB_QUICK"
 LIMIT_ENV = "GPT2LAB_LIMIT"
 RESULTS_ENV = "GPT2LAB_RESULTS"
-DEFAULT_WEIGHTS = "gpt2"  # the same default as gpt2lab.weights.DEFAULT (not imported: setup stays light)
 DEFAULT_RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 
@@ -191,7 +192,15 @@ def _tokenizer_status() -> tuple[bool, str]:
 
 def _weights_status(value: str | os.PathLike | None) -> tuple[bool | None, str]:
     from .data import shown_path
-    from .weights import WEIGHTS_ENV, WeightsUnavailable, find_cached, hub_cache_dir, looks_like_folder, resolve
+    from .weights import (
+        WEIGHTS_ENV,
+        WeightsUnavailable,
+        check_files,
+        find_cached,
+        hub_cache_dir,
+        looks_like_folder,
+        resolve,
+    )
     from .weights import setting as weights_setting
 
     name = weights_setting(value)
@@ -205,7 +214,7 @@ def _weights_status(value: str | os.PathLike | None) -> tuple[bool | None, str]:
     folder = find_cached(name)
     if folder is not None:
         try:
-            resolve(name)  # found in the cache, so this only checks the files (no network)
+            check_files(folder)
         except WeightsUnavailable as err:
             return (None if quick else False), f"weights: {err}"
         return True, f"weights {name!r}: cached at {shown_path(folder)}"

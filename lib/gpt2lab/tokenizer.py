@@ -15,7 +15,7 @@ import functools
 import os
 from pathlib import Path
 
-from .data import TOKENIZER_DIR, TOKENIZER_FILES, OneLineError, data_dir, shown_path
+from .data import TOKENIZER_DIR, TOKENIZER_FILES, OneLineError, data_dir, first_line, shown_path
 
 HUB_NAME = "gpt2"
 
@@ -148,17 +148,12 @@ def load(name_or_folder: str | os.PathLike | None = None, *, local_files_only: b
             return _load_cached(str(path.resolve()))
         except Exception as err:
             raise TokenizerUnavailable(
-                f"tokenizer folder {shown_path(path.resolve())} does not hold GPT-2's BPE ({_first_line(err)}): "
+                f"tokenizer folder {shown_path(path.resolve())} does not hold GPT-2's BPE ({first_line(err)}): "
                 f"its files are damaged or from another tokenizer; delete them and {HOW_TO_GET}"
             ) from None
     if os.sep in str(name_or_folder) or str(name_or_folder).startswith("."):
         raise TokenizerUnavailable(f"tokenizer folder {path} does not exist: {HOW_TO_GET}")
     return _from_hub(str(name_or_folder), tried, local_files_only)
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _from_hub(name: str, tried: list[str], local_files_only: bool) -> Tokenizer:
@@ -168,13 +163,13 @@ def _from_hub(name: str, tried: list[str], local_files_only: bool) -> Tokenizer:
     try:
         return _load_cached(name, True)
     except Exception as err:  # offline, transformers hands back an empty tokenizer (vocab size 1) for a missing name
-        detail = "" if "vocab size is 1," in str(err) or isinstance(err, OSError) else f" ({_first_line(err)})"
+        detail = "" if "vocab size is 1," in str(err) or isinstance(err, OSError) else f" ({first_line(err)})"
         tried.append(f"Hugging Face cache at {hub_cache_dir()}: no {'usable ' if detail else ''}{name!r}{detail}")
     why = "not tried (environment check)" if local_files_only else hub_unreachable()
     if why is None:
         try:
             return _load_cached(name)
         except Exception as err:
-            why = _first_line(err)
+            why = first_line(err)
     tried.append(f"hub {hub_endpoint()}: {why}")
     raise TokenizerUnavailable(f"no GPT-2 tokenizer: {'; '.join(tried)}. To get the files, {HOW_TO_GET}")

@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .data import OneLineError, shown_path
+from .data import OneLineError, first_line, shown_path
 
 DEFAULT = "gpt2"
 WEIGHTS_ENV = "GPT2LAB_WEIGHTS"
@@ -184,17 +184,20 @@ def _download(name: str, cache: Path) -> Path:
 
 def _damaged(file: Path, err: Exception) -> WeightsUnavailable:
     real = Path(os.path.realpath(file))
-    what = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     cache = next((p for p in real.parents if p.name.startswith("models--")), None)
     if cache is not None:
         fix = f"delete {cache} and load again to download it afresh"
     else:
         fix = "delete it and save or copy it again"
-    return WeightsUnavailable(f"GPT-2 weights file {file} is damaged ({what}): {fix}")
+    return WeightsUnavailable(f"GPT-2 weights file {file} is damaged ({first_line(err)}): {fix}")
 
 
-def _check_files(folder: Path) -> None:
-    # a safetensors header lists every tensor's byte range; reading it catches a truncated download at once
+def check_files(folder: Path) -> None:
+    """Raise `WeightsUnavailable` naming a damaged *.safetensors file in `folder`; never touches the network.
+
+    A safetensors header lists every tensor's byte range; reading it catches a truncated download at once. Used by
+    `resolve` and by notebook 00's environment check.
+    """
     from safetensors import safe_open
 
     for file in sorted(folder.glob("*.safetensors")):
@@ -222,7 +225,7 @@ def resolve(name_or_folder: str | os.PathLike | None = None) -> Path:
                 "Save a model there (GPT2LMHeadModel.save_pretrained), or point GPT2LAB_WEIGHTS (or "
                 "setup(weights=...)) at a folder that has both, or at a hub name such as 'gpt2'"
             )
-        _check_files(path)
+        check_files(path)
         return path
     if path.exists() or looks_like_folder(name):
         raise WeightsUnavailable(
@@ -240,7 +243,7 @@ def resolve(name_or_folder: str | os.PathLike | None = None) -> Path:
                 f"hub {hub_endpoint()}: {why}. {WAYS_OUT}"
             )
         folder = _download(name, cache)
-    _check_files(folder)
+    check_files(folder)
     return folder
 
 
