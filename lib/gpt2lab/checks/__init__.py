@@ -3,8 +3,8 @@
 A notebook does `from gpt2lab.checks import welcome as check` and, after an exercise, `check.tokens_per_line(fn)`.
 The shared machinery is in `core`: the result type, `check` (stub -> "not implemented yet", a crash -> a ✗ naming
 the student's line), `expect`, `compare` (element, expected vs got, max |diff|; tuple and dtype hints),
-`compare_with_hints` (a known mistake's output -> its hint), `untouched` (inputs modified in place),
-`gradients` / `compare_gradients` (a trained exercise must pass gradients on), `earlier_stubs`.
+`compare_with_hints` (a known mistake's output -> its hint; `known_mistake`: the hint alone), `untouched` (inputs
+modified in place), `gradients` / `compare_gradients` (a trained exercise must pass gradients on), `earlier_stubs`.
 
 THE RULES for every check (learned on notebooks 00-04, where plausible wrong answers slipped through; apply them to
 05-09). A check is only as good as the inputs it runs on and the way it runs the code:
@@ -42,6 +42,7 @@ from .core import (
     expect,
     fail,
     gradients,
+    known_mistake,
     ok,
     untouched,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "earlier_stubs",
     "expect",
     "fail",
+    "known_mistake",
     "gradients",
     "ok",
     "untouched",

@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from .core import check, compare, earlier_stubs, expect, untouched
+from .core import _close, check, compare, compare_with_hints, earlier_stubs, expect, known_mistake, untouched
 
 GOLDEN = dict(  # a three-step example computed by hand (float32)
     theta0=[1.0, -2.0, 3.0],
@@ -38,20 +38,6 @@ def _pair(got, what: str) -> tuple:
     return tuple(got)
 
 
-def _close(a, b, atol: float) -> bool:
-    try:
-        a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-        return a.shape == b.shape and bool(torch.allclose(a, b, atol=atol, rtol=0))
-    except Exception:
-        return False
-
-
-def _hint(got, variants: dict[str, torch.Tensor], atol: float) -> None:
-    """Stop with a targeted message when `got` equals a known wrong answer."""
-    for message, wrong in variants.items():
-        expect(not _close(got, wrong, atol), message)
-
-
 def _untouched_returning(what: str, **tensors):
     return untouched(f"return new tensors ({what}); the caller's tensors must stay as they were (no *=, -=, mul_, "
                      "add_ on them)", **tensors)
@@ -67,16 +53,15 @@ def update_moments(fn):
         m_new, v_new = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
         expect(not (_close(got_m, v_new, 1e-9) and _close(got_v, m_new, 1e-9)),
                "the pair is in the wrong order: return (m, v)")
-        _hint(got_m, {"m: the weights are swapped; keep β1 of the OLD m and add (1 − β1) of g":
-                      (1 - beta1) * m + beta1 * g,
-                      "m is averaged with β2: the first moment uses β1": beta2 * m + (1 - beta2) * g}, 1e-9)
-        compare(f"m (betas {beta1}, {beta2})", got_m, m_new, atol=1e-9)
-        _hint(got_v, {"v averages the SQUARED gradient g∘g, not g": beta2 * v + (1 - beta2) * g,
-                      "v: the weights are swapped; keep β2 of the OLD v": (1 - beta2) * v + beta2 * g * g,
-                      "v is averaged with β1: the second moment uses β2": beta1 * v + (1 - beta1) * g * g,
-                      "square g alone: (1 − β2)·g², not ((1 − β2)·g)²": beta2 * v + ((1 - beta2) * g) ** 2,
-                      "v averages g², not the new m²": beta2 * v + (1 - beta2) * m_new**2}, 1e-9)
-        compare(f"v (betas {beta1}, {beta2})", got_v, v_new, atol=1e-9)
+        compare_with_hints(f"m (betas {beta1}, {beta2})", got_m, m_new, 1e-9, [
+            ("m: the weights are swapped; keep β1 of the OLD m and add (1 − β1) of g", (1 - beta1) * m + beta1 * g),
+            ("m is averaged with β2: the first moment uses β1", beta2 * m + (1 - beta2) * g)])
+        compare_with_hints(f"v (betas {beta1}, {beta2})", got_v, v_new, 1e-9, [
+            ("v averages the SQUARED gradient g∘g, not g", beta2 * v + (1 - beta2) * g),
+            ("v: the weights are swapped; keep β2 of the OLD v", (1 - beta2) * v + beta2 * g * g),
+            ("v is averaged with β1: the second moment uses β2", beta1 * v + (1 - beta1) * g * g),
+            ("square g alone: (1 − β2)·g², not ((1 − β2)·g)²", beta2 * v + ((1 - beta2) * g) ** 2),
+            ("v averages g², not the new m²", beta2 * v + (1 - beta2) * m_new**2)])
     return "m and v match for two pairs of betas"
 
 
@@ -93,12 +78,10 @@ def bias_correction(fn):
             wrong_m[f"m_hat at t={t}: use β1^t with the t you are given (it counts from 1), not β1^(t−1)"] = \
                 m / (1 - beta1 ** (t - 1))
         wrong_m[f"m_hat at t={t}: use β1^t with the t you are given, not β1^(t+1)"] = m / (1 - beta1 ** (t + 1))
-        _hint(got_m, wrong_m, 1e-9)
-        compare(f"m_hat at t={t}", got_m, m / (1 - beta1**t), atol=1e-9)
-        _hint(got_v, {f"v_hat at t={t}: v is corrected with β2, not β1": v / (1 - beta1**t),
-                      f"v_hat at t={t}: divide v by 1 − β2^t itself (the square root comes later)":
-                      v / (1 - beta2**t) ** 0.5}, 1e-9)
-        compare(f"v_hat at t={t}", got_v, v / (1 - beta2**t), atol=1e-9)
+        compare_with_hints(f"m_hat at t={t}", got_m, m / (1 - beta1**t), 1e-9, wrong_m.items())
+        compare_with_hints(f"v_hat at t={t}", got_v, v / (1 - beta2**t), 1e-9, [
+            (f"v_hat at t={t}: v is corrected with β2, not β1", v / (1 - beta1**t)),
+            (f"v_hat at t={t}: divide v by 1 − β2^t itself (the square root comes later)", v / (1 - beta2**t) ** 0.5)])
     return "m_hat and v_hat match at t = 10, 1 and 25"
 
 
@@ -109,12 +92,11 @@ def decoupled_decay(fn):
     for lr, wd in [(1e-2, 0.1), (0.5, 0.3), (1e-3, 0.0)]:
         with _untouched_returning("theta * (1 - lr * weight_decay)", theta=theta):
             got = fn(theta, lr, wd)
-        if wd > 0:  # with λ = 0 these wrong answers coincide with the right one
-            _hint(got, {"the decay is scaled by the learning rate: θ·(1 − lr·λ), not θ·(1 − λ)": theta * (1 - wd),
-                        "shrink θ (multiply by 1 − lr·λ); do not subtract lr·λ from it": theta - lr * wd,
-                        "you returned the amount of decay lr·λ·θ; return the shrunk θ·(1 − lr·λ)": theta * lr * wd},
-                  1e-12)
-        compare(f"decayed θ (lr {lr}, weight_decay {wd})", got, theta * (1 - lr * wd), atol=1e-12)
+        mistakes = [("the decay is scaled by the learning rate: θ·(1 − lr·λ), not θ·(1 − λ)", theta * (1 - wd)),
+                    ("shrink θ (multiply by 1 − lr·λ); do not subtract lr·λ from it", theta - lr * wd),
+                    ("you returned the amount of decay lr·λ·θ; return the shrunk θ·(1 − lr·λ)", theta * lr * wd)]
+        compare_with_hints(f"decayed θ (lr {lr}, weight_decay {wd})", got, theta * (1 - lr * wd), 1e-12,
+                           mistakes if wd > 0 else [])  # with λ = 0 these wrong answers coincide with the right one
     return "θ·(1 − lr·λ) for three (lr, λ) pairs, λ = 0 included"
 
 
@@ -188,10 +170,9 @@ def _adamw_update(fn):
         expect(not _close(got_theta, theta * (1 - hyper["lr"] * hyper["weight_decay"]), 1e-12),
                f"step {t} returned θ after the decay only: the Adam update is missing (theta = theta - lr * m_hat / "
                "(v_hat.sqrt() + eps))")
-        if not _close(got_theta, expected[0], 1e-9):
-            for bug, message in BUG_HINTS.items():
-                wrong = _buggy_update(theta, g, m, v, t, **hyper, bug=bug)[0]
-                expect(not _close(got_theta, wrong, 1e-9), f"step {t}: {message}")
+        known_mistake(got_theta, expected[0], 1e-9, [
+            (f"step {t}: {message}", lambda bug=bug, now=(theta, g, m, v, t): _buggy_update(*now, **hyper, bug=bug)[0])
+            for bug, message in BUG_HINTS.items()])
         for name, a, b, old in zip(("θ", "m", "v"), got, expected, (theta, m, v)):
             expect(name == "θ" or not _close(a, old, 0.0), f"step {t} returned the old {name}: return the updated "
                                                           f"{name} (from update_moments)")
@@ -296,9 +277,8 @@ def _probe(cls) -> None:
                                                 + NAN_AT_T0)
         expect(not torch.equal(got, before), f"step {t} never changed the parameters: did you write into a copy "
                                              "(p = ...) instead of updating p in place with p.copy_(new_p)?")
-        if not _close(got, reference.detach(), 1e-9):
-            for name, path in variants.items():
-                expect(not _close(got, path[t - 1], 1e-9), f"step {t}: {OPTIMIZER_HINTS[name]}")
+        known_mistake(got, reference.detach(), 1e-9,
+                      [(f"step {t}: {OPTIMIZER_HINTS[name]}", path[t - 1]) for name, path in variants.items()])
         expect(torch.equal(p.grad, g), f"step {t} changed p.grad in place: leave the gradient as it is (AdamW's "
                                        "decay shrinks θ, it never enters the gradient)")
         compare(f"the parameter after step {t} (one group, lr {hyper['lr']:g})", got, reference.detach(), atol=1e-9)
@@ -329,17 +309,19 @@ def _adamw_optimizer(cls):
         "the step count t grows once per parameter, not once per step: keep one count per parameter, "
         "in self.state[p]": (lambda groups: _SharedCountAdamW(groups, **hyper), True),
     }
+
+    def trained(make, scheduled, name):  # trained only when a parameter differs from the reference
+        variant = _tiny_model()
+        _train(variant, make(_groups(variant)), steps, scheduled)  # an lr not read from the group: no schedule
+        return dict(variant.named_parameters())[name]
+
     named = dict(reference.named_parameters())
     group_of = {id(p): i for i, group in enumerate(_groups(ours)) for p in group["params"]}
     for name, got in ours.named_parameters():
-        if _close(got, named[name], 1e-9):
-            continue
-        for message, (make, scheduled) in wrong.items():
-            variant = _tiny_model()
-            _train(variant, make(_groups(variant)), steps, scheduled)  # an lr not read from the group: no schedule
-            expect(not _close(got, dict(variant.named_parameters())[name], 1e-9), message)
-        compare(f"{name} after {steps} steps (param group {group_of[id(got)]}, lr from the group and a scheduler)", got,
-                named[name], atol=1e-9)
+        compare_with_hints(f"{name} after {steps} steps (param group {group_of[id(got)]}, lr from the group and a "
+                           "scheduler)", got, named[name], 1e-9,
+                           [(message, lambda make=make, scheduled=scheduled, name=name: trained(make, scheduled, name))
+                            for message, (make, scheduled) in wrong.items()])
     return (f"one parameter over 5 steps, then {steps} steps of a tiny model with two param groups (own lr, no decay "
             "on biases/LayerNorm) and an lr scheduler, match torch.optim.AdamW (float64)")
 

@@ -22,28 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import attention as ref
-from .core import check, compare, earlier_stubs, expect, untouched
+from .core import check, compare, compare_with_hints, earlier_stubs, expect, known_mistake, untouched
 
 
 def _qkv(B=2, nh=3, Tq=5, Tk=5, hs=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, nh, Tq, hs, generator=g), torch.randn(B, nh, Tk, hs, generator=g),
             torch.randn(B, nh, Tk, hs, generator=g))  # fmt: skip
-
-
-def _close(a, b, atol: float = 1e-5) -> bool:
-    """Same shape and values (NaN where the other has NaN): used only to recognise a known wrong answer."""
-    try:
-        a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
-        return a.shape == b.shape and bool(torch.allclose(a, b, atol=atol, rtol=0, equal_nan=True))
-    except Exception:
-        return False
-
-
-def _hints(got, wrong_answers: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
-    """Stop with the targeted message of the first known wrong answer `got` equals."""
-    for message, wrong in wrong_answers.items():
-        expect(not _close(got, wrong, atol), message)
 
 
 def _tensor(got, name: str, what: str = "a tensor") -> torch.Tensor:
@@ -68,7 +53,7 @@ def attention_scores(fn):
     expect(tuple(got.shape) != (2, 3, 6, 4), "scores are (B, nh, Tk, Tq) = (2, 3, 6, 4): that is k @ qᵀ; compute "
                                              "q @ kᵀ (one row per query)")
     expect(tuple(got.shape) == (2, 3, 4, 6), f"scores should be (B, nh, Tq, Tk) = (2, 3, 4, 6), got {tuple(got.shape)}")
-    _hints(got, {
+    compare_with_hints("scores (B=2, nh=3, Tq=4, Tk=6, hs=16)", got, expected, 1e-5, {
         "the scores are not scaled: divide by sqrt(head_size), i.e. sqrt(q.shape[-1])": raw,
         "the scores are divided by the head size hs = 16: divide by its square root, sqrt(hs) = 4": raw / 16,
         "the scores are multiplied by sqrt(hs): divide by it": raw * 4,
@@ -78,8 +63,7 @@ def attention_scores(fn):
             raw / 2,
         "these are softmax weights: attention_scores returns the raw scaled scores (the softmax comes in attention)":
             expected.softmax(-1),
-    })
-    compare("scores (B=2, nh=3, Tq=4, Tk=6, hs=16)", got, expected, atol=1e-5)
+    }.items())
     q = torch.tensor([[1.0, 0.0, 2.0, 0.0]])  # hand case, hs = 4
     k = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])  # (2, 4)
     compare("scores for q=[1,0,2,0], k=[[1,1,1,1],[0,0,1,0]]", fn(q, k), torch.tensor([[1.5, 1.0]]), atol=1e-6)
@@ -98,15 +82,14 @@ def causal_mask(fn):
     expect(tuple(got.shape) == (4, 4), f"causal_mask(4) should be (T, T) = (4, 4), got shape {tuple(got.shape)}: "
                                        "return the plain (T, T) mask, broadcasting adds the batch and head dims")
     expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    _hints(got, {
+    compare_with_hints("causal_mask(4)", got, expected, 0, {
         "the mask is inverted: True should mean 'may attend' (lower triangle, diagonal included)": ~expected,
         "the diagonal is missing: a token may attend to itself (s <= t, not s < t)":
             expected & ~torch.eye(4, dtype=torch.bool),
         "the mask is the upper triangle: row t is the query and may see keys s <= t, the lower triangle (torch.tril)":
             expected.T,
         "every entry is True: nothing is masked, query t must not see keys s > t": torch.ones(4, 4, dtype=torch.bool),
-    }, atol=0)
-    compare("causal_mask(4)", got, expected)
+    }.items())
     compare("causal_mask(1)", torch.as_tensor(fn(1)), torch.ones(1, 1, dtype=torch.bool))
     compare("causal_mask(7)", torch.as_tensor(fn(7)), _lower_triangle(7))
     return "lower-triangular mask (diagonal included) for T = 1, 4, 7"
@@ -129,8 +112,8 @@ def padding_mask(fn):
     expect(shape == (2, 1, 1, 5),
            f"shape should be (B, 1, 1, T) = (2, 1, 1, 5) to broadcast over heads and queries, got {shape}")
     expected = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None, :]
-    _hints(got, {"the mask is inverted: True should mark real tokens (mask == 1), not padding": ~expected}, atol=0)
-    compare("padding_mask", got, expected)
+    compare_with_hints("padding_mask", got, expected, 0,
+                       [("the mask is inverted: True should mark real tokens (mask == 1), not padding", ~expected)])
     return "(B, 1, 1, T) key mask, True on real tokens, for right and left padding"
 
 
@@ -179,14 +162,13 @@ def _attention(fn):
                                                  f"{tuple(weights.shape)}")  # fmt: skip
     raw = q @ k.transpose(-2, -1)  # (B, nh, Tq, Tk)
     scores = raw / math.sqrt(8)
-    _hints(weights, {
+    compare_with_hints("weights without a mask", weights, scores.softmax(-1), 1e-5, {
         "softmax over the wrong dim: normalise over the keys (dim=-1), so that each query's row sums to 1":
             scores.softmax(-2),
         "the weights are the scores themselves: apply the softmax over the keys, F.softmax(scores, dim=-1)": scores,
         "the scores are not scaled: divide q·k by sqrt(head_size) (your attention_scores)": raw.softmax(-1),
         "the scores are divided by hs: divide by sqrt(hs) (your attention_scores)": (raw / 8).softmax(-1),
-    })
-    compare("weights without a mask", weights, scores.softmax(-1), atol=1e-5)
+    }.items())
     compare("output without a mask", out, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
 
     # 2. the causal mask, (Tq, Tk) = (6, 6)
@@ -195,9 +177,10 @@ def _attention(fn):
     scores = q @ k.transpose(-2, -1) / math.sqrt(8)
     with untouched("invert a copy (~mask), do not change the mask you are given", mask=causal):
         out, weights = _pair(fn(q, k, v, causal))
-    _hints(weights, _masked_weights(scores, causal))
+    expected = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    known_mistake(weights, expected, 1e-5, _masked_weights(scores, causal).items())
     compare("weights on future tokens (causal mask)", weights.masked_select(~causal), torch.zeros(2 * 3 * 15), atol=0)
-    compare("weights with the causal mask", weights, scores.masked_fill(~causal, float("-inf")).softmax(-1), atol=1e-5)
+    compare("weights with the causal mask", weights, expected, atol=1e-5)
     compare("output with the causal mask", out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
 
     # 3. causal AND padding (B, 1, T, T), one right- and one left-padded row; a query always sees its own key
@@ -248,13 +231,12 @@ def split_heads(fn):
     expect(shape != (B, hs, T, nh), f"the result is (B, hs, T, nh) = {shape}: nh and hs are swapped; view as "
                                     "(B, T, n_head, C // n_head), then transpose(1, 2)")
     expect(shape == (B, nh, T, hs), f"shape should be (B, nh, T, hs) = {(B, nh, T, hs)}, got {shape}")
-    _hints(got, {
+    compare_with_hints("split_heads(x, 4)", got, _split_by_hand(x, nh), 0, {
         "reshaping straight to (B, nh, T, hs) mixes tokens: view as (B, T, nh, hs), then transpose(1, 2)":
             x.view(B, nh, T, hs),
         "each head should take a block of hs consecutive channels, not every nh-th channel: view as (B, T, nh, hs), "
         "not (B, T, hs, nh)": x.view(B, T, hs, nh).permute(0, 3, 1, 2),
-    }, atol=0)
-    compare("split_heads(x, 4)", got, _split_by_hand(x, nh), atol=0)
+    }.items())
     compare("split_heads(x, 2)", fn(x, 2), _split_by_hand(x, 2), atol=0)
     return "(B, T, C) -> (B, nh, T, hs): head h of token t holds channels h*hs .. (h+1)*hs - 1"
 
@@ -276,13 +258,12 @@ def merge_heads(fn):
     expect(tuple(got.shape) == (B, T, nh * hs), f"shape should be (B, T, C) = {(B, T, nh * hs)}, "
                                                 f"got {tuple(got.shape)}")
     expected = torch.cat([x[:, h] for h in range(nh)], dim=-1)  # (B, T, C): head 0's channels, then head 1's, ...
-    _hints(got, {
+    compare_with_hints("merge_heads(x)", got, expected, 0, {
         "reshaping (B, nh, T, hs) straight to (B, T, C) mixes tokens: transpose(1, 2) first, then reshape":
             x.reshape(B, T, nh * hs),
         "the heads' channels are interleaved: transpose to (B, T, nh, hs) (transpose(1, 2)), not (B, T, hs, nh), "
         "before the reshape": x.permute(0, 2, 3, 1).reshape(B, T, nh * hs),
-    }, atol=0)
-    compare("merge_heads(x)", got, expected, atol=0)
+    }.items())
     y = torch.randn(B, T, nh * hs, generator=torch.Generator().manual_seed(3))
     compare("merge_heads(split_heads(y))", fn(_split_by_hand(y, nh)), y, atol=0)
     return "(B, nh, T, hs) -> (B, T, C), and merge_heads undoes split_heads"
@@ -329,8 +310,7 @@ def _self_attention(fn):
             wrong["c_attn's output splits as q, k, v in that order: q, k, v = module.c_attn(x).split(module.n_embd, "
                   f"dim=2) (yours looks like order {''.join('qkv'[i] for i in order)})"] = \
                 _self_attention_by_hand(module, x, None, order=order)
-        _hints(got, wrong)
-        compare("self-attention output (mask=None, so causal)", got, expected, atol=1e-5)
+        compare_with_hints("self-attention output (mask=None, so causal)", got, expected, 1e-5, wrong.items())
 
         attention_mask = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])  # row 1 is left-padded
         pad = attention_mask.bool()[:, None, None, :]
@@ -339,10 +319,10 @@ def _self_attention(fn):
             got = _tensor(fn(module, x, mask), "self_attention")
         real = attention_mask.bool()
         expected = _self_attention_by_hand(module, x, mask)
-        _hints(got[real], {"the mask you are given is ignored: use it when it is not None (it already holds the "
-                           "causal part)": _self_attention_by_hand(module, x, None)[real]})
-        compare("self-attention output on real tokens, with a padding mask (left-padded row)", got[real],
-                expected[real], atol=1e-5)
+        ignored = ("the mask you are given is ignored: use it when it is not None (it already holds the causal "
+                   "part)", _self_attention_by_hand(module, x, None)[real])
+        compare_with_hints("self-attention output on real tokens, with a padding mask (left-padded row)", got[real],
+                           expected[real], 1e-5, [ignored])
 
     # backward: the model trains through this forward
     leaf = x.clone().requires_grad_(True)

@@ -181,30 +181,45 @@ def compare_gradients(got: dict, expected: dict, atol: float = 1e-5) -> str:
 
 
 def _close(got, expected, atol: float) -> bool:
+    """Same shape and values within atol (NaN where the other has NaN); False for anything that is not a tensor of
+    that shape (None, a tuple, ...). Only recognises a known answer, right or wrong: `compare` gives the ✗ line."""
     import torch
 
-    if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(expected.shape):
+    try:
+        got, expected = torch.as_tensor(got).detach(), torch.as_tensor(expected).detach()
+    except Exception:
+        return False
+    if got.shape != expected.shape:
         return False
     if not (got.is_floating_point() and expected.is_floating_point()):
         return bool(torch.equal(got, expected))
-    return bool(torch.allclose(got.detach().double().cpu(), expected.detach().double().cpu(), rtol=0.0, atol=atol))
+    return bool(torch.allclose(got.double().cpu(), expected.double().cpu(), rtol=0.0, atol=atol, equal_nan=True))
 
 
-def compare_with_hints(what: str, got, expected, atol: float = 1e-5, mistakes=()) -> str:
-    """`compare`, but when `got` is wrong and equals what a known mistake produces, the ✗ line is that mistake's hint.
+def known_mistake(got, expected, atol: float = 1e-5, mistakes=()) -> None:
+    """When `got` is a wrong tensor and equals what a known mistake produces, stop with that mistake's hint.
 
-    mistakes: (hint, output) pairs, output a tensor or a function computing it (only called on a mismatch), e.g.
-    ("hidden has already been through ln_f: ...", lambda: model.head(model.transformer.ln_f(hidden))). The first
-    hint whose output matches `got` (within atol) and differs from `expected` wins; otherwise the generic line.
-    Used by the checks of notebook 02 (post-LN block, erf GELU, ln_f applied twice, unscattered top-p, ...).
+    mistakes: (hint, output) pairs (or a {hint: output} dict's items()), output a tensor or a function computing it
+    (only called on a mismatch). The first hint whose output matches `got` (within atol) and differs from `expected`
+    wins; otherwise nothing happens, and the caller's `compare` gives the generic line. Used where other comparisons
+    come between the hints and the final one (notebook 01's causal mask, notebook 04's cloze loss).
     """
     import torch
 
-    if isinstance(got, torch.Tensor) and not _close(got, torch.as_tensor(expected), atol):
+    if isinstance(got, torch.Tensor) and not _close(got, expected, atol):
         for hint, output in mistakes:
             output = output() if callable(output) else output
-            if _close(got, output, atol) and not _close(output, torch.as_tensor(expected), atol):
+            if _close(got, output, atol) and not _close(output, expected, atol):
                 raise _Mismatch(hint)
+
+
+def compare_with_hints(what: str, got, expected, atol: float = 1e-5, mistakes=()) -> str:
+    """`compare`, but when `got` is wrong and equals what a known mistake produces, the ✗ line is that mistake's hint
+    (`known_mistake`), e.g. ("hidden has already been through ln_f: ...", lambda: model.head(model.transformer.ln_f(
+    hidden))). Used by the checks of notebooks 01-03 (post-LN block, erf GELU, ln_f applied twice, unscattered top-p,
+    an unscaled score, a swapped moment, ...).
+    """
+    known_mistake(got, expected, atol, mistakes)
     return compare(what, got, expected, atol=atol)
 
 
