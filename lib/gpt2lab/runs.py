@@ -189,16 +189,21 @@ class RunLock:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save_temp(obj, path: Path) -> Path:
+    """torch.save `obj` to `.<name>.tmp<pid>` beside `path`, flushed to disk; returns the temporary file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(_save_temp(obj, path), path)
 
 
 def save_checkpoint(obj, run_dir: Path) -> None:
@@ -208,11 +213,7 @@ def save_checkpoint(obj, run_dir: Path) -> None:
     checkpoint.prev.pt and no checkpoint.pt, which `load_checkpoint` handles.
     """
     latest, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
-    tmp = run_dir / f".{CHECKPOINT}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _save_temp(obj, latest)
     if latest.exists():
         os.replace(latest, previous)
     os.replace(tmp, latest)
@@ -254,33 +255,36 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.how = None
+        self._mode = None  # "cuda", "vmhwm", "sampled" or "lifetime", set by start()
         self._sampled = 0.0
 
     def start(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.how = "torch.cuda.max_memory_allocated, reset at the start of the run"
+            self._mode, self.how = "cuda", "torch.cuda.max_memory_allocated, reset at the start of the run"
         elif _reset_vmhwm():
+            self._mode = "vmhwm"
             self.how = "peak resident memory (VmHWM), reset at the start of the run via /proc/self/clear_refs"
         elif _rss_mb() is not None:
-            self.how = "resident memory sampled after every step and evaluation (psutil)"
+            self._mode, self.how = "sampled", "resident memory sampled after every step and evaluation (psutil)"
             self.sample()
         else:
+            self._mode = "lifetime"
             self.how = "the process's lifetime peak resident memory (ru_maxrss): not resettable on this system"
         return self
 
     def sample(self) -> None:
         """Note the current resident size (used only when no peak counter can be reset)."""
-        if self.how and self.how.startswith("resident memory sampled"):
+        if self._mode == "sampled":
             self._sampled = max(self._sampled, _rss_mb() or 0.0)
 
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if self.how and self.how.startswith("peak resident memory (VmHWM)"):
+        if self._mode == "vmhwm":
             return _vmhwm_mb()
-        if self.how and self.how.startswith("resident memory sampled"):
+        if self._mode == "sampled":
             return self._sampled
         try:
             import resource
