@@ -71,7 +71,6 @@ import torch
 from torch import nn
 
 from . import runs
-from .runs import atomic_save  # noqa: F401  (re-exported: older code imports it from here)
 from .tasks import atomic_write_text, eval_mode, model_device, to_device
 
 
@@ -417,6 +416,8 @@ class _Run:
         self.best_weights = None  # in memory when there is no out_dir
         self.last_saved = None
         self.memory = runs.PeakMemory(self.device)
+        # progress=False in the config silences the task's evaluation bars too (tasks that take the option)
+        self.eval_kwargs = {} if config.progress or not _accepts(task.evaluate, "progress") else {"progress": False}
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -565,9 +566,7 @@ class _Run:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), eval_mode(self.model), self._autocast():
             torch.manual_seed(self.config.seed)
-            # progress=False in the config silences the task's evaluation bars too (tasks that take the option)
-            kwargs = {} if self.config.progress or not _accepts(self.task.evaluate, "progress") else {"progress": False}
-            result = {k: float(v) for k, v in self.task.evaluate(self.model, **kwargs).items()}
+            result = {k: float(v) for k, v in self.task.evaluate(self.model, **self.eval_kwargs).items()}
         state = self.state
         mean_loss = state["epoch_loss"] / max(state["epoch_batches"], 1)
         entry = {"step": state["step"], "epoch": state["epoch"] + state["batch"] / self.batches_per_epoch,
@@ -578,7 +577,7 @@ class _Run:
             state["best"], state["best_step"], state["bad_evals"] = value, state["step"], 0
             weights = _model_weights(self.model, self.trainable_only)
             if self.run_dir is not None:
-                atomic_save(weights, self.run_dir / runs.BEST)
+                runs.atomic_save(weights, self.run_dir / runs.BEST)
             else:
                 self.best_weights = {k: v.detach().clone() for k, v in weights.items()}
         else:
@@ -592,11 +591,11 @@ class _Run:
             self._save_checkpoint()
         return entry
 
-    def _show(self) -> None:
+    def _show(self, refresh: bool = True) -> None:
         """Progress-bar postfix: smoothed loss and the best dev metric so far (refreshed after every evaluation)."""
         best = self.state["best"]
         self.bar.set_postfix(loss="-" if self.smooth is None else f"{self.smooth:.4f}",
-                             best="-" if best is None else f"{best:.4g}")
+                             best="-" if best is None else f"{best:.4g}", refresh=refresh)
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -691,37 +690,39 @@ class _Run:
         config, state, optimizer = self.config, self.state, self.optimizer
         t0 = time.perf_counter()
         idx = order[state["batch"] * config.batch_size : (state["batch"] + 1) * config.batch_size]
-        batch = to_device(self.task.collate([self.task.train_set[i] for i in idx]), self.device)
+        batch = self.task.collate([self.task.train_set[i] for i in idx])
+        tokens = int(batch["attention_mask"].sum())  # counted before the move: no extra wait for the GPU
+        batch = to_device(batch, self.device)
         with self._autocast():
             loss = self.task.loss(self.model, batch)
-        if not torch.isfinite(loss):
-            raise _Interrupted(f"loss is {loss.item()} at step {state['step'] + 1}")
+        value = loss.item()  # the one wait for the GPU per step
+        if not math.isfinite(value):
+            raise _Interrupted(f"loss is {value} at step {state['step'] + 1}")
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if config.grad_clip is not None:
             self.scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
-            if not torch.isfinite(norm) and not self.scaler.is_enabled():  # fp16's scaler skips such steps
+            if not self.scaler.is_enabled() and not torch.isfinite(norm):  # fp16's scaler skips such steps
                 raise _Interrupted(f"gradient norm is {norm.item()} at step {state['step'] + 1}")
         lrs = [group["lr"] for group in optimizer.param_groups]  # the lrs this step uses
         self.scaler.step(optimizer)
         self.scaler.update()
         self.scheduler.step()
-        value = loss.item()
         state["train_time"] += time.perf_counter() - t0
 
         state["step"] += 1
         state["batch"] += 1
         state["epoch_loss"] += value
         state["epoch_batches"] += 1
-        state["tokens"] += int(batch["attention_mask"].sum())
+        state["tokens"] += tokens
         if state["step"] % config.log_every == 0 or state["step"] == 1:
             state["loss_log"].append((state["step"], value))
         self.loop.loss, self.loop.lrs = value, lrs
         self.smooth = value if self.smooth is None else 0.9 * self.smooth + 0.1 * value
         self.memory.sample()
+        self._show(refresh=False)  # drawn by update, at most every mininterval (not once per step)
         self.bar.update(1)
-        self._show()
 
     # ------------------------------------------------------------------------------------------ record
 
