@@ -143,15 +143,19 @@ def student_version(nb: nbformat.NotebookNode, name: str) -> nbformat.NotebookNo
             cell.outputs = []
             cell.execution_count = None
         cell.metadata = {k: v for k, v in cell.metadata.items() if k in ("tags", "editable", "deletable")}
-    handout = {"cells": [cell_hash(c) for c in nb.cells], "exercises": exercises}
     nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": dict(LANGUAGE_INFO)}
-    nb.metadata["gpt2lab"] = {"handout": handout}
+    _record(nb, exercises)
     return stable_ids(nb)
+
+
+def _record(nb: nbformat.NotebookNode, exercises: list[int]) -> None:
+    """Store the handout record (`gpt2lab.handout`: cell hashes, exercise cell indices) in `nb`'s metadata."""
+    nb.metadata["gpt2lab"] = {"handout": {"cells": [cell_hash(c) for c in nb.cells], "exercises": exercises}}
 
 
 def exercise_cells(handout: nbformat.NotebookNode) -> list[int]:
     """Indices of the exercise cells of a generated notebook (from its metadata, or, if absent, its stubs)."""
-    recorded = handout.metadata.get("gpt2lab", {}).get("handout")
+    recorded = _recorded(handout)
     if recorded:
         return list(recorded["exercises"])
     stubs = ("raise NotImplementedError()", "YOUR ANSWER HERE")
@@ -225,9 +229,9 @@ def _first_line(cell) -> str:
     return json.dumps(line[:50] + ("..." if len(line) > 50 else ""), ensure_ascii=False)
 
 
-def _recorded(student: nbformat.NotebookNode) -> dict | None:
-    """The handout this student notebook was generated from (hashes), when its metadata still says."""
-    recorded = student.metadata.get("gpt2lab", {}).get("handout")
+def _recorded(nb: nbformat.NotebookNode) -> dict | None:
+    """The handout record (`_record`) a notebook was generated with, when its metadata still holds it."""
+    recorded = nb.metadata.get("gpt2lab", {}).get("handout")
     if isinstance(recorded, dict) and isinstance(recorded.get("cells"), list):
         return recorded
     return None
@@ -241,8 +245,7 @@ def read_student(path: Path) -> nbformat.NotebookNode:
     """
     student = read_notebook(path)
     if _recorded(student) is None and path.read_text(encoding="utf-8") == render(student):
-        handout = {"cells": [cell_hash(c) for c in student.cells], "exercises": exercise_cells(student)}
-        student.metadata["gpt2lab"] = {"handout": handout}
+        _record(student, exercise_cells(student))
     return student
 
 
