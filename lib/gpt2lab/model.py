@@ -572,7 +572,7 @@ class _TiedLookup(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             return None, None, None
         (input_ids,) = ctx.saved_tensors
-        if ctx.tie.head_task is None or ctx.tie.head_task != torch._C._current_graph_task_id():
+        if ctx.tie.head_task != torch._C._current_graph_task_id():  # None (never sent) never equals a pass id
             # no dense gradient from the head in this pass: the ordinary embedding gradient (what nn.Embedding gives)
             dense = torch.ops.aten.embedding_dense_backward(grad, input_ids, ctx.num_weights, -1, False)
             return None, dense, None
