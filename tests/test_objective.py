@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_tasks import PAIRS, tiny_model
 
 from gpt2lab import tasks
-from gpt2lab.data import QuoraPair
-from gpt2lab.model import GPT2, GPT2Config
 from gpt2lab.train import TrainConfig, train
 
 SONNETS = [
@@ -18,17 +17,6 @@ SONNETS = [
     "Shall I compare thee to a summer's day?",
     "Let me not to the marriage of true minds\nAdmit impediments.",
 ]
-PAIRS = [
-    QuoraPair("a", "How do I learn Python?", "What is the best way to learn Python?", 1),
-    QuoraPair("b", "What is the capital of France?", "How tall is Mount Everest?", 0),
-    QuoraPair("c", "Why is the sky blue?", "What makes the sky look blue during the day?", 1),
-    QuoraPair("d", "How can I lose weight fast?", "Which programming language should I learn first?", 0),
-]
-
-
-def tiny_model(seed: int = 0) -> GPT2:
-    torch.manual_seed(seed)
-    return GPT2(GPT2Config.tiny(n_positions=128))
 
 
 @pytest.fixture(params=["sonnet", "paraphrase"])

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_tasks import PAIRS, tiny_model
 
 from gpt2lab import metrics, tasks
 from gpt2lab.data import QuoraPair
@@ -22,17 +23,6 @@ SONNETS = [
     "Thy youth's proud livery, so gazed on now,",
     "Shall I compare thee to a summer's day?",
 ]
-PAIRS = [
-    QuoraPair("a", "How do I learn Python?", "What is the best way to learn Python?", 1),
-    QuoraPair("b", "What is the capital of France?", "How tall is Mount Everest?", 0),
-    QuoraPair("c", "Why is the sky blue?", "What makes the sky look blue during the day?", 1),
-    QuoraPair("d", "How can I lose weight fast?", "Which programming language should I learn first in college?", 0),
-]
-
-
-def tiny_model(seed: int = 0, **overrides) -> GPT2:
-    torch.manual_seed(seed)
-    return GPT2(GPT2Config.tiny(**overrides))
 
 
 @pytest.fixture
