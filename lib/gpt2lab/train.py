@@ -71,6 +71,7 @@ import torch
 from torch import nn
 
 from . import runs
+from .environment import seed_everything
 from .tasks import atomic_write_text, eval_mode, model_device, to_device
 
 
@@ -213,13 +214,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (every device): a fresh run's dropout masks then depend on the seed only."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
