@@ -1,5 +1,6 @@
 # The two commands a newcomer needs: `make lab` opens the course, `make test` runs every test.
-# Both create .venv on first use (only python3 and pip are required) and refresh it when pyproject.toml changes.
+# Both create .venv on first use (only python3 and pip are required) and refresh it when pyproject.toml or
+# constraints.txt changes; the versions installed are the exact ones of constraints.txt.
 
 PYTHON   ?= python3
 VENV     ?= .venv
@@ -25,10 +26,11 @@ help:
 	@echo "make solutions re-execute solutions/ in quick mode (refreshes the outputs nbval checks)"
 	@echo "make bench     our GPT-2 and AdamW against transformers and torch.optim, side by side (ratios)"
 
-$(STAMP): pyproject.toml
+# constraints.txt holds the exact versions (pyproject.toml only declares ranges, for GPU machines; see README).
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 lab: $(STAMP)
