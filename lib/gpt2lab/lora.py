@@ -106,6 +106,7 @@ class LoRALinear(nn.Linear):
             self.lora_B[key] = nn.Parameter(torch.zeros(cols.stop - cols.start, rank, **factory))  # (block_out, r)
         self.merged = False
         self.register_buffer("weight_before_merge", None, persistent=False)  # set by merge() (see module docstring)
+        self.train(base.training)  # a model in eval mode stays in eval mode (new modules start in training mode)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapters' contribution to the output for an already dropped-out input x~ (..., in) -> (..., out)."""

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-SUITES = ("model", "optim")
+SUITES = ("model", "optim", "lora", "smart")
 
 
 def main(argv: list[str] | None = None) -> int:

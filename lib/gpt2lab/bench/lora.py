@@ -1,0 +1,182 @@
+"""Benchmark: a LoRA training step against full fine-tuning, by rank: step time and peak memory.
+
+    python -m gpt2lab.bench lora                          gpt2-small shapes, batch 2 x 128 tokens, CPU fp32,
+                                                          LoRA on q,v with ranks 1, 2, 4, 8, 16, 32, 64
+    python -m gpt2lab.bench lora --device cuda --amp      on a GPU with bf16 autocast
+    python -m gpt2lab.bench lora --batch 1 --seq 128 --ranks 1,8,64 --repeats 3
+    python -m gpt2lab.bench lora --tiny                   seconds-long smoke run (used by the tests)
+
+A step is what the training loop does: forward, next-token loss, backward, an AdamW step (torch.optim.AdamW on the
+trainable parameters) and zero_grad. Every setting starts from the same random gpt2-small weights (seed 0).
+Times are medians over --repeats steps after 2 warm-up steps; on a CPU the process's CPU time per step is printed
+too (steadier than wall time on a shared machine; exact with --threads 1). Peak memory comes from
+`gpt2lab.runs.PeakMemory` (torch.cuda.max_memory_allocated on a GPU, the peak resident memory on a CPU), reset
+just before the model is built, minus what the process held at that moment: it counts this setting's weights,
+gradients, optimizer state and activations. On a CPU each setting runs in a fresh python process (--isolate, the
+default there), because memory freed by one setting is not always handed back to the system and would hide the
+next setting's peak. Ratios are LoRA / full fine-tuning (< 1: LoRA is cheaper).
+
+What to expect: LoRA saves the weight gradients and AdamW's two moments of the frozen base (3 x 124M floats for
+gpt2-small), so the memory ratio is well below 1 at every rank; the time saved is smaller, since the forward and
+the backward through the activations are still computed in full (Hu et al. 2021, arXiv 2106.09685, §4.2).
+Timings live here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+RANKS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m gpt2lab.bench lora", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl (default gpt2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--ranks", default=",".join(map(str, RANKS)), help="comma-separated LoRA ranks (default 1..64)")
+    p.add_argument("--targets", default="q,v", help="LoRA targets (gpt2lab.lora.TARGETS names; default q,v)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per setting (after 2 warm-ups)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="each setting in a fresh process (default: on a CPU only)")  # fmt: skip
+    p.add_argument("--tiny", action="store_true", help="tiny sizes, ranks 1 and 4: a smoke run in seconds")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one setting, print JSON
+    args = p.parse_args(argv)
+    try:
+        args.rank_list = [int(r) for r in args.ranks.split(",") if r.strip()]
+    except ValueError:
+        p.error(f"--ranks must be comma-separated integers such as 1,4,16, not {args.ranks!r}")
+    if not args.rank_list or min(args.rank_list) < 1:
+        p.error(f"--ranks must be positive integers such as 1,4,16, not {args.ranks!r}")
+    if args.batch < 1 or args.seq < 2 or args.repeats < 1:
+        p.error("--batch and --repeats must be >= 1 and --seq >= 2")
+    if args.tiny:
+        args.config, args.batch, args.seq, args.repeats, args.rank_list = "tiny", 2, 16, 3, [1, 4]
+    if args.isolate is None:
+        args.isolate = torch.device(args.device).type == "cpu" and not args.tiny
+    return args
+
+
+def _model_config(args):
+    from ..model import GPT2Config
+
+    if args.tiny:
+        return GPT2Config.tiny(n_positions=64, vocab_size=512)
+    config = GPT2Config.from_name(args.config, dropout=0.0)
+    if args.seq > config.n_positions:
+        raise SystemExit(f"--seq must be <= {config.n_positions}")
+    return config
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _current_mb(device) -> float:
+    """What the process holds now (the baseline the peak is measured above)."""
+    from .. import runs
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    rss = runs._rss_mb()  # psutil; without it the peak is reported with the process's own baseline included
+    return 0.0 if rss is None else rss
+
+
+def measure(setting: str, args) -> dict:
+    """Build the model for `setting` ("full" or "r<rank>"), time --repeats training steps, return the figures."""
+    from .. import runs
+    from ..lora import add_lora, parameter_report
+    from ..model import GPT2, lm_loss
+
+    device = torch.device(args.device)
+    config = _model_config(args)
+    gc.collect()
+    memory = runs.PeakMemory(device).start()  # reset the peak counter, then note what the process holds already
+    baseline = _current_mb(device)
+    torch.manual_seed(0)
+    model = GPT2(config).to(device).train()  # random gpt2-small weights: values do not change the cost
+    if setting != "full":
+        add_lora(model, int(setting[1:]), targets=args.targets)
+    report = parameter_report(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(1)).to(device)  # fmt: skip
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else contextlib.nullcontext())
+    walls, cpus = [], []
+    for i in range(2 + args.repeats):  # 2 warm-ups: allocator, kernels, the optimizer's lazily created state
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with autocast:
+            loss = lm_loss(model(ids), ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= 2:
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu_start)
+        memory.sample()
+    peak = memory.peak_mb() - baseline
+    del model, optimizer, loss
+    gc.collect()
+    return {"setting": setting, "trainable": report["trainable"], "total": report["total"],
+            "wall_ms": [w * 1e3 for w in walls], "cpu_ms": [c * 1e3 for c in cpus], "peak_mb": peak,
+            "how": memory.how}  # fmt: skip
+
+
+def _measure_isolated(setting: str, args) -> dict:
+    """`measure` in a fresh python process, so that this setting's peak memory is its own."""
+    argv = [sys.executable, "-m", "gpt2lab.bench", "lora", "--one", setting, "--config", args.config, "--device",
+            args.device, "--batch", str(args.batch), "--seq", str(args.seq), "--targets", args.targets,
+            "--repeats", str(args.repeats), "--no-isolate"]  # fmt: skip
+    argv += ["--amp"] * args.amp + (["--threads", str(args.threads)] if args.threads else [])
+    done = subprocess.run(argv, capture_output=True, text=True)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"setting {setting} failed in its own process: {(done.stderr or done.stdout).strip()[-500:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv or [])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.one is not None:  # the child process of --isolate
+        print("RESULT " + json.dumps(measure(args.one, args)))
+        return 0
+    settings = ["full"] + [f"r{r}" for r in args.rank_list]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {args.device}")
+    print(f"training step (forward + backward + AdamW step)  {args.config}, batch {args.batch} x {args.seq} tokens, "
+          f"{'bf16 autocast' if args.amp else 'fp32'}, LoRA targets {args.targets}, median of {args.repeats} steps"
+          f"{', each setting in its own process' if args.isolate else ''}")  # fmt: skip
+    results = {}
+    for setting in settings:
+        results[setting] = _measure_isolated(setting, args) if args.isolate else measure(setting, args)
+    full = results["full"]
+    t_full, c_full = statistics.median(full["wall_ms"]), statistics.median(full["cpu_ms"])
+    cpu = torch.device(args.device).type == "cpu"
+    header = (f"  {'setting':<18}{'trainable':>13}{'fraction':>10}{'step ms':>10}{'time ratio':>12}"
+              + (f"{'CPU ms':>9}{'CPU ratio':>11}" if cpu else "") + f"{'peak MiB':>10}{'memory ratio':>14}")
+    print(header)
+    for setting in settings:
+        r = results[setting]
+        t, c = statistics.median(r["wall_ms"]), statistics.median(r["cpu_ms"])
+        label = "full fine-tuning" if setting == "full" else f"r={setting[1:]}"
+        print(f"  {label:<18}{r['trainable']:>13,}{100 * r['trainable'] / r['total']:>9.3f}%{t:>10.1f}"
+              f"{t / t_full:>12.3f}" + (f"{c:>9.1f}{c / c_full:>11.3f}" if cpu else "")
+              + f"{r['peak_mb']:>10.1f}{r['peak_mb'] / full['peak_mb']:>14.3f}")  # fmt: skip
+    print(f"  peak memory: {full['how']}; above what the process held before building the model")
+    return 0
