@@ -1,0 +1,483 @@
+"""AdaPreLoRA: the factor update whose W-change is the Adafactor direction projected onto what LoRA can reach.
+
+Built in notebook 08 (adaprelora). Liu, Bian, Cai, "AdaPreLoRA" (arXiv 2605.08734). Notation as in notebook 05
+(lora): W = W0 + s·B A with B (m, r), A (r, n), s = alpha / r; G = dL/dW (m, n) is the gradient of the effective
+weight; autograd gives the factor gradients ∇A = s·Bᵀ G (r, n) and ∇B = s·G Aᵀ (m, r).
+
+The idea, in the notebook's order:
+
+1. **LoRA's Jacobian is rank-deficient.** (dA, dB) ↦ B dA + dB A has a kernel of dimension r² (the gauge
+   (B, A) ~ (B S, S⁻¹ A)), so "the factor step that moves W along a chosen direction" is a least-squares problem
+   with a whole family of solutions.
+2. **The target is Adafactor's direction.** With row and column statistics ℓ (m) and c (n), EMAs of the row and
+   column sums of G∘G, Adafactor's rank-1 second moment is V̂ = ℓ̂ ĉᵀ / ‖ℓ̂‖₁, and its direction
+   Z = G ⊘ √V̂ = P⁻¹ G Q⁻¹ with P = Diag(p), Q = Diag(q), p = √(ℓ̂/‖ℓ̂‖₁), q = √ĉ (`preconditioner`).
+3. **Least squares in the H-metric** ‖X‖²_H = Σ p_i q_j X_ij²: min ‖B dA + dB A − Z‖_H. Every minimiser moves W by
+   T* = the H-orthogonal projection of Z onto the tangent space {B X + Y A}; the normal equations involve G only
+   through the factor gradients, so the full G is never needed in the step.
+4. **The balanced member.** Among the r²-dimensional family, the one minimising ‖B dA − dB A‖²_H is unique and
+   has coefficients ½ (`factor_update`):
+
+       M_B = Bᵀ P B,  M_A = A Q Aᵀ  (r, r),   C = ∇A Aᵀ,   K = M_B⁻¹ C M_A⁻¹
+       ΔA = M_B⁻¹ ∇A ⊘ qᵀ − ½ K A          ΔB = (∇B M_A⁻¹) ⊘ p − ½ B K
+
+   times s⁻² (so the first-order W-change is −lr·T* whatever s and r), then A ← A − lr·ΔA, B ← B − lr·ΔB.
+
+With P = Q = I the W-direction is LoRA-Pro's Frobenius tangent projection P_B G + G P_A − P_B G P_A; Scaled GD
+(`gpt2lab.optim.lora_baselines`) instead moves W by P_B G + G P_A, counting the overlap twice.
+
+Numerics and cost. The r×r solves are damped, (M + λI) with λ = δ_rel·tr(M)/r + δ_abs (at B = 0, M_B = 0 and
+the damped solve gives the exact answer: ΔA = 0 and ΔB A is the projection of Z onto {Y A}), in float32 or wider.
+Persistent state per pair is ℓ (m) and c (n), plus the factor momentum (r·(m+n)) in the Adam variant: O((m+n)·r).
+The statistics need the row and column sums of G∘G, which autograd never forms (it computes ∇A, ∇B directly).
+`AdaPreLoRA` gathers them with hooks on the LoRA module during backward: x~ from `module.lora_dropout`'s output,
+δ = dL/dy from the module output's column slice, then per matrix either G = δᵀ x~ formed transiently and reduced
+at once (`stats="transient"`, one (m, n) matrix alive at a time) or the Gram identity
+rowsum(G∘G) = diag(δᵀ (X~ X~ᵀ) δ), colsum(G∘G) = diag(X~ᵀ (δ δᵀ) X~) (`stats="gram"`, (N, N) for N tokens).
+`step()` itself only makes O((m+n)·r) tensors.
+
+What is inferred (the paper's text available to us states the structure, not every detail; marked INFERRED in the
+code): the normalisation of V̂ and its split into p, q (only the product p qᵀ matters), bias correction of ℓ and c,
+ε₁ = 1e-30 and β₂, the s⁻² scale handling, the damping, decoupled weight decay, and all of the Adam variant.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from .adamw import adamw_foreach
+from .groups import no_decay
+
+__all__ = ["AdaPreLoRA", "AdaPreLoRAError", "adafactor_statistics", "damped", "factor_update", "find_pairs",
+           "preconditioner", "tangent_change"]
+
+MODES = ("sgd", "factor_momentum", "scaled_adamw")
+STATS = ("transient", "gram")
+
+
+class AdaPreLoRAError(ValueError):
+    """Bad settings or a model without LoRA pairs: the one-line message says what to do."""
+
+    def _render_traceback_(self) -> list[str]:  # Jupyter: the one line, not a traceback
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
+
+# ------------------------------------------------------------------------------------ the closed form (notebook §2-§4)
+
+
+def adafactor_statistics(G: Tensor, eps1: float = 1e-30) -> tuple[Tensor, Tensor]:
+    """Row and column sums of S = G∘G + ε₁ for one gradient G (m, n): returns (row (m,), col (n,)).
+
+    Built in notebook 08 (adaprelora), exercise 1. The EMAs of these are Adafactor's statistics ℓ and c
+    (Shazeer & Stern 2018, arXiv 1804.04235); ε₁ keeps rows and columns that got no gradient positive.
+    """
+    assert G.dim() == 2, f"G must be (m, n), got {tuple(G.shape)}"
+    S = G * G  # (m, n)
+    m, n = G.shape
+    return S.sum(dim=1) + n * eps1, S.sum(dim=0) + m * eps1  # (m,), (n,)
+
+
+def preconditioner(row_sq: Tensor, col_sq: Tensor, step: int = 0, beta2: float = 0.999,
+                   bias_correction: bool = True) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The two diagonals (p (m,), q (n,)) with p qᵀ = √V̂, V̂ = ℓ̂ ĉᵀ / ‖ℓ̂‖₁ (Adafactor's rank-1 second moment).
+
+    Built in notebook 08, exercise 1. row_sq = ℓ, col_sq = c are the EMAs after `step` updates; with
+    bias_correction they are divided by 1 − β₂^step first (INFERRED: the paper's text does not say; it changes
+    early step sizes, not directions). p = √(ℓ̂/‖ℓ̂‖₁), q = √ĉ (INFERRED split: only the product matters).
+    """
+    if bias_correction and step > 0:
+        correction = 1 - beta2**step
+        row_sq, col_sq = row_sq / correction, col_sq / correction
+    p = (row_sq / row_sq.sum()).sqrt()  # (m,)
+    q = col_sq.sqrt()  # (n,)
+    return p, q
+
+
+def damped(M: Tensor, delta_rel: float = 1e-6, delta_abs: float = 1e-12) -> Tensor:
+    """M + λI with λ = δ_rel·tr(M)/r + δ_abs (INFERRED knob, not from the paper): a singular M_B (B = 0 at init)
+    becomes solvable, and the solve then gives the exact answer there (ΔA = 0, see `factor_update`)."""
+    r = M.shape[0]
+    lam = delta_rel * torch.diagonal(M).sum() / r + delta_abs
+    return M + lam * torch.eye(r, dtype=M.dtype, device=M.device)  # (r, r)
+
+
+def factor_update(A: Tensor, B: Tensor, G_A: Tensor, G_B: Tensor, p: Tensor, q: Tensor, *, scale: float = 1.0,
+                  C: Tensor | None = None, delta_rel: float = 1e-6, delta_abs: float = 1e-12,
+                  scale_invariant: bool = True) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The balanced closed-form factor update (ΔA (r, n), ΔB (m, r)); the step is A − lr·ΔA, B − lr·ΔB.
+
+    Built in notebook 08 (adaprelora), exercises 2-3. A (r, n), B (m, r); G_A (r, n) and G_B (m, r) the factor
+    gradients: with scale=1 the unscaled BᵀG and G Aᵀ; with the LoRA scale s, autograd's ∇A = s·BᵀG and
+    ∇B = s·G Aᵀ, and the result is multiplied by s⁻² (scale_invariant=True, INFERRED default) so that
+    B ΔA + ΔB A = T*/s and the W-change s·(B ΔA + ΔB A) is T* for every s. p (m,), q (n,) the diagonals of the
+    Adafactor preconditioner (`preconditioner`). C (r, r) defaults to G_A Aᵀ (= Bᵀ G_B); the Adam variant passes
+    its own. The r×r matrices are damped (`damped`; delta_rel = delta_abs = 0 for the undamped formula). Computed
+    in float32 or wider; the results have the dtype of A and B.
+    """
+    r, n = A.shape
+    m = B.shape[0]
+    assert B.shape == (m, r) and G_A.shape == (r, n) and G_B.shape == (m, r), \
+        f"shapes A {tuple(A.shape)}, B {tuple(B.shape)}, G_A {tuple(G_A.shape)}, G_B {tuple(G_B.shape)}"
+    assert p.shape == (m,) and q.shape == (n,), f"p must be ({m},) and q ({n},), got {tuple(p.shape)}, {tuple(q.shape)}"
+    dtype = torch.promote_types(A.dtype, torch.float32)  # the solves in float32 even under bf16 (or fp64 if given)
+    A, B, G_A, G_B, p, q = (t.to(dtype) for t in (A, B, G_A, G_B, p, q))
+    C = G_A @ A.T if C is None else C.to(dtype)  # (r, r) = Bᵀ G Aᵀ (times s)
+    M_B = damped(B.T @ (p[:, None] * B), delta_rel, delta_abs)  # (r, r) Bᵀ P B + λI
+    M_A = damped((A * q) @ A.T, delta_rel, delta_abs)  # (r, r) A Q Aᵀ + λI
+    K = torch.linalg.solve(M_A, torch.linalg.solve(M_B, C).T).T  # (r, r) M_B⁻¹ C M_A⁻¹ (M_A is symmetric)
+    dA = torch.linalg.solve(M_B, G_A / q) - 0.5 * K @ A  # (r, n)  ΠB part minus half the overlap
+    dB = torch.linalg.solve(M_A, G_B.T).T / p[:, None] - 0.5 * B @ K  # (m, r)  ΠA part minus the other half
+    if scale_invariant and scale != 1.0:
+        dA, dB = dA / scale**2, dB / scale**2  # INFERRED: without it the effective lr grows as s²
+    return dA, dB
+
+
+def tangent_change(A: Tensor, B: Tensor, dA: Tensor, dB: Tensor) -> Tensor:
+    """B dA + dB A (m, n): the first-order change of B A for the factor changes (dA, dB) (the Jacobian J)."""
+    return B @ dA + dB @ A
+
+
+# ---------------------------------------------------------------------------------------------------- the pairs
+
+
+def find_pairs(model_or_pairs) -> list:
+    """The (A, B) pairs to optimise: `gpt2lab.lora.lora_pairs(model)` for a model, or the given pairs.
+
+    A pair is anything with `.A` (r, n) and `.B` (m, r) parameters, `.scale`, `.name`, `.module` (the layer whose
+    forward runs `module.lora_dropout` once on its input and returns the output) and `.out_slice` (the output
+    columns the pair writes); duck-typed, so adapters other than `gpt2lab.lora`'s work too.
+    """
+    if isinstance(model_or_pairs, nn.Module):
+        from ..lora import lora_pairs
+
+        pairs = lora_pairs(model_or_pairs)
+    else:
+        pairs = list(model_or_pairs)
+    if not pairs:
+        raise AdaPreLoRAError("no LoRA (A, B) pairs found: add adapters first (gpt2lab.lora.add_lora(model, rank=8)) "
+                              "or train this model with AdamW")
+    for pair in pairs:
+        r = pair.A.shape[0]
+        if pair.A.dim() != 2 or pair.B.dim() != 2 or pair.B.shape[1] != r:
+            raise AdaPreLoRAError(f"pair {getattr(pair, 'name', '?')}: A must be (r, n) and B (m, r), got "
+                                  f"{tuple(pair.A.shape)} and {tuple(pair.B.shape)}")
+    return pairs
+
+
+def _named(model: nn.Module | None, params: list[Tensor]) -> list:
+    """(name, parameter) tuples when the model is known (the names travel in the state dict), else the tensors."""
+    if model is None:
+        return params
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names[id(p)], p) for p in params]
+
+
+# ------------------------------------------------------------------------------------- statistics through hooks
+
+
+class _Statistics:
+    """Row/column sums of G∘G for every pair, gathered during backward by hooks on the LoRA modules.
+
+    Per forward (with gradients on) the hook on `module.lora_dropout` keeps x~ and the hook on `module` puts a
+    tensor hook on its output. In backward that hook receives dL/dy, takes each pair's column slice δ, and
+    reduces G = δᵀ x~ at once (or through the Gram identity) to (rowsum, colsum, G Aᵀ), tagged with the backward
+    pass. A backward pass counts when it accumulates into B.grad (a post-accumulate-grad hook on B): passes that
+    only compute other gradients (torch.autograd.grad, e.g. an adversarial regulariser's inner step) are dropped.
+    The hooks hold the optimizer only weakly: deleting it removes them.
+    """
+
+    def __init__(self, pairs: list, stats: str):
+        self.pairs, self.stats = pairs, stats
+        self.index = {id(pair.A): i for i, pair in enumerate(pairs)}
+        self.pending: dict[int, list] = {}  # pair index -> [(task id, row, col, gat)] not yet confirmed
+        self.clear()
+        self.inputs: dict[int, Tensor] = {}  # id(module) -> x~ of the forward in progress
+        self.handles = []
+        ref = weakref.ref(self)
+        by_module: dict[int, tuple[nn.Module, list[int]]] = {}
+        for i, pair in enumerate(pairs):
+            module = getattr(pair, "module", None)
+            if module is None or not hasattr(module, "lora_dropout") or not hasattr(pair, "out_slice"):
+                raise AdaPreLoRAError(f"pair {getattr(pair, 'name', i)} has no LoRA module with lora_dropout and "
+                                      "out_slice: AdaPreLoRA needs them to gather its statistics (use "
+                                      "gpt2lab.lora.lora_pairs)")
+            by_module.setdefault(id(module), (module, []))[1].append(i)
+        for key, (module, idx) in by_module.items():
+            self.handles.append(module.lora_dropout.register_forward_hook(
+                lambda mod, args, out, key=key: _call(ref, "on_input", key, out)))
+            self.handles.append(module.register_forward_hook(
+                lambda mod, args, out, key=key, idx=tuple(idx): _call(ref, "on_output", key, idx, out)))
+        for i, pair in enumerate(pairs):
+            self.handles.append(pair.B.register_post_accumulate_grad_hook(
+                lambda param, i=i: _call(ref, "on_accumulated", i)))
+
+    def clear(self) -> None:
+        """Forget what was gathered since the last step (called by step() and zero_grad())."""
+        self.gathered: dict[int, list] = {}  # pair index -> [row, col, gat, number of passes]
+        self.pending.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def __del__(self):
+        self.remove()
+
+    # hooks ------------------------------------------------------------------------------------------------
+    def on_input(self, key: int, x_tilde: Tensor) -> None:
+        if torch.is_grad_enabled():  # an evaluation forward has no backward: keep nothing
+            self.inputs[key] = x_tilde
+
+    def on_output(self, key: int, idx: tuple, y: Tensor) -> None:
+        x_tilde = self.inputs.pop(key, None)
+        if x_tilde is None or not isinstance(y, Tensor) or not y.requires_grad:
+            return  # merged, or no gradient will flow
+        ref = weakref.ref(self)
+        y.register_hook(lambda grad: _call(ref, "on_grad", idx, x_tilde, grad))
+
+    def on_grad(self, idx: tuple, x_tilde: Tensor, grad: Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        x = x_tilde.detach().reshape(-1, x_tilde.shape[-1]).float()  # (N, n) tokens flattened, float32
+        for i in idx:
+            pair = self.pairs[i]
+            delta = grad.detach()[..., pair.out_slice].reshape(-1, pair.B.shape[0]).float()  # (N, m) dL/dy slice
+            A = pair.A.detach().float()  # (r, n)
+            if self.stats == "transient":
+                G = delta.T @ x  # (m, n): alive only inside this call
+                S = G * G
+                row, col, gat = S.sum(dim=1), S.sum(dim=0), G @ A.T  # (m,), (n,), (m, r)
+                del G, S
+            else:  # Gram identity: never an (m, n) matrix, (N, N) ones instead
+                row = ((x @ x.T) @ delta * delta).sum(dim=0)  # (m,) diag(δᵀ X~X~ᵀ δ)
+                col = ((delta @ delta.T) @ x * x).sum(dim=0)  # (n,) diag(X~ᵀ δδᵀ X~)
+                gat = delta.T @ (x @ A.T)  # (m, r)
+            self.pending.setdefault(i, []).append((task, row, col, gat))
+
+    def on_accumulated(self, i: int) -> None:
+        task = torch._C._current_graph_task_id()
+        entries = self.pending.pop(i, [])
+        mine = [e for e in entries if e[0] == task]  # this backward's contributions (several forwards may share it)
+        if not mine:
+            return
+        row = sum(e[1] for e in mine)
+        col = sum(e[2] for e in mine)
+        gat = sum(e[3] for e in mine)
+        if i in self.gathered:
+            self.gathered[i][3] += 1  # a second backward pass before step(): refused there (see step)
+        else:
+            self.gathered[i] = [row, col, gat, 1]
+
+
+def _call(ref, method: str, *args):
+    """Call a method of the statistics object if it still exists (the hooks hold it weakly)."""
+    target = ref()
+    if target is not None:
+        getattr(target, method)(*args)
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+
+
+class AdaPreLoRA(torch.optim.Optimizer):
+    """AdaPreLoRA for LoRA pairs, AdamW for every other trainable parameter. Built in notebook 08 (adaprelora), §5.
+
+        optimizer = AdaPreLoRA(model, lr=5e-4)              # model with adapters (gpt2lab.lora.add_lora)
+        train(model, task, AdaPreLoRA, config)              # as a factory: called as AdaPreLoRA(model, config.lr)
+
+    Liu, Bian, Cai (arXiv 2605.08734). Per pair and step t (details in the module docstring):
+
+    1. statistics: ℓ ← β₂ℓ + (1−β₂)·rowsum(G∘G + ε₁), c likewise with column sums, from hooks (see `_Statistics`);
+       p, q from `preconditioner` (bias-corrected).
+    2. direction (`mode`):
+       * "sgd" (Algorithm 1): `factor_update` of the gradients ∇A, ∇B;
+       * "factor_momentum" (the Adam variant, default; INFERRED: the paper's Algorithm 2 is not in the text we
+         have, only that it is "two-sided diagonal whitening on momentum" with the memory of Scaled AdamW):
+         bias-corrected EMAs m_A, m_B of ∇A, ∇B (β₁) in place of the gradients, with
+         C = ½(m̂_A Aᵀ + Bᵀ m̂_B) (the two estimates of Bᵀ Ḡ Aᵀ differ once A, B move; their mean is our choice);
+         β₁ = 0 is Algorithm 1 exactly;
+       * "scaled_adamw" (INFERRED alternative): Algorithm 1's (ΔA, ΔB) fed as gradients into AdamW's moments
+         (bias-corrected, eps), which bounds per-entry factor steps; twice the factors' size in state.
+    3. decoupled weight decay A, B ← (1 − lr·λ)(A, B) (INFERRED form), then A ← A − lr·ΔA, B ← B − lr·ΔB, both
+       from the same pre-step factors.
+
+    Arguments: `model` (with adapters) or a list of pairs (see `find_pairs`); lr; betas = (β₁, β₂): β₁ for the
+    momentum, β₂ for the statistics (and AdamW's second moment in "scaled_adamw"); eps (AdamW's, "scaled_adamw"
+    and the other parameters); eps1 = ε₁; delta_rel, delta_abs (`damped`); scale_invariant (s⁻², INFERRED
+    default True); bias_correction of ℓ, c (INFERRED); stats ("transient" or "gram"); weight_decay for the pairs;
+    other_weight_decay for the non-pair parameters' AdamW (no decay on biases, norms, embeddings).
+
+    The gradient scale. The statistics come from dL/dy as backpropagated, the step from the factors' .grad. When
+    these differ by a factor (gradient clipping, a loss scaler's unscaling), the statistics are rescaled by
+    ρ² with ρ = ⟨∇B, s·G Aᵀ⟩ / ‖s·G Aᵀ‖², so that the preconditioner sees the gradient the step uses.
+
+    One backward pass per step: a second pass that accumulates into the factors' .grad before step() (gradient
+    accumulation) is refused in step(), since the statistics need the square of the summed gradient. State
+    (`state_dict`): per pair, "step", "col_sq" (n) and "exp_avg" (r, n) with A, "row_sq" (m) and "exp_avg" (m, r)
+    with B ("exp_avg_sq" too in "scaled_adamw"); AdamW's state for the rest. Call `remove_hooks()` (or delete the
+    optimizer) to stop gathering statistics.
+    """
+
+    def __init__(self, model, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, mode: str = "factor_momentum", eps1: float = 1e-30,
+                 delta_rel: float = 1e-6, delta_abs: float = 1e-12, scale_invariant: bool = True,
+                 bias_correction: bool = True, stats: str = "transient", other_weight_decay: float = 0.01):  # fmt: skip
+        _validate(lr, betas, eps, weight_decay, mode, stats, delta_rel, delta_abs, other_weight_decay)
+        pairs = find_pairs(model)
+        module = model if isinstance(model, nn.Module) else None
+        pair_params = [t for pair in pairs for t in (pair.A, pair.B)]  # A0, B0, A1, B1, ...
+        settings = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode, eps1=eps1,
+                        delta_rel=delta_rel, delta_abs=delta_abs, scale_invariant=scale_invariant,
+                        bias_correction=bias_correction, kind="lora_pairs", scales=[float(p.scale) for p in pairs])
+        groups = [{"params": _named(module, pair_params), **settings}]
+        if module is not None:  # the other trainable parameters (a head, biases): AdamW
+            held = {id(t) for t in pair_params}
+            exempt = no_decay(module)
+            rest = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in held]
+            for decay, chosen in ((other_weight_decay, [(n, p) for n, p in rest if n not in exempt]),
+                                  (0.0, [(n, p) for n, p in rest if n in exempt])):
+                if chosen:
+                    groups.append({"params": chosen, "lr": lr, "betas": tuple(betas), "eps": eps,
+                                   "weight_decay": decay, "kind": "adamw"})
+        super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.pairs = pairs
+        self._stats = _Statistics(pairs, stats)
+
+    def remove_hooks(self) -> None:
+        """Stop gathering statistics (the optimizer cannot step after this)."""
+        self._stats.remove()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._stats.clear()  # statistics of a discarded backward pass must not reach the next step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step for every pair with gradients (and AdamW for the rest); returns closure() when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group.get("kind") == "lora_pairs":
+                self._step_pairs(group)
+            else:
+                self._step_adamw(group)
+        self._stats.clear()
+        return loss
+
+    def _step_pairs(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        params = group["params"]
+        for i in range(len(params) // 2):
+            A, B, s = params[2 * i], params[2 * i + 1], group["scales"][i]
+            if A.grad is None and B.grad is None:
+                continue
+            gathered = self._stats.gathered.get(self._stats.index[id(A)])
+            name = getattr(self.pairs[i], "name", f"pair {i}")
+            if gathered is None:
+                raise AdaPreLoRAError(f"{name} has gradients but AdaPreLoRA saw no backward pass through its module: "
+                                      "build the optimizer before the forward pass, and unmerge the adapters")
+            row, col, gat, passes = gathered
+            if passes > 1:
+                raise AdaPreLoRAError(f"{name}: {passes} backward passes since the last step; AdaPreLoRA's statistics "
+                                      "need the gradient of the whole step: call step() after each backward (no "
+                                      "gradient accumulation)")  # fmt: skip
+            gA = torch.zeros_like(A) if A.grad is None else A.grad
+            gB = torch.zeros_like(B) if B.grad is None else B.grad
+            dtype = torch.promote_types(A.dtype, torch.float32)
+            gA, gB = gA.to(dtype), gB.to(dtype)  # (r, n), (m, r)
+            stA, stB = self.state[A], self.state[B]
+            if not stA:
+                stA["step"] = torch.tensor(0.0)
+                stA["col_sq"] = torch.zeros(A.shape[1], dtype=dtype, device=A.device)  # (n,) c
+                stB["step"] = torch.tensor(0.0)
+                stB["row_sq"] = torch.zeros(B.shape[0], dtype=dtype, device=B.device)  # (m,) ℓ
+                if group["mode"] != "sgd":
+                    for st, t in ((stA, A), (stB, B)):
+                        st["exp_avg"] = torch.zeros_like(t, dtype=dtype)
+                        if group["mode"] == "scaled_adamw":
+                            st["exp_avg_sq"] = torch.zeros_like(t, dtype=dtype)
+            stA["step"] += 1
+            stB["step"] += 1
+            t = int(stA["step"].item())
+
+            # 1. statistics of the gradient this step uses (ρ: clipping / loss scaling, see the class docstring)
+            sgat = s * gat.to(dtype)  # (m, r) what ∇B would be without clipping or loss scaling
+            norm2 = (sgat * sgat).sum()
+            rho2 = torch.where(norm2 > 0, ((gB * sgat).sum() / norm2.clamp_min(1e-300)) ** 2, 1.0)  # no GPU sync
+            n, m = A.shape[1], B.shape[0]
+            eps1 = group["eps1"]
+            stB["row_sq"].mul_(beta2).add_(rho2 * row.to(dtype) + n * eps1, alpha=1 - beta2)  # ℓ (m,)
+            stA["col_sq"].mul_(beta2).add_(rho2 * col.to(dtype) + m * eps1, alpha=1 - beta2)  # c (n,)
+            p, q = preconditioner(stB["row_sq"], stA["col_sq"], t, beta2, group["bias_correction"])
+
+            # 2. the direction
+            kw = dict(scale=s, delta_rel=group["delta_rel"], delta_abs=group["delta_abs"],
+                      scale_invariant=group["scale_invariant"])
+            Af, Bf = A.detach().to(dtype), B.detach().to(dtype)
+            if group["mode"] == "factor_momentum":
+                # INFERRED (Algorithm 2 reconstructed): momentum in factor space, H from the raw gradients
+                stA["exp_avg"].lerp_(gA, 1 - beta1)
+                stB["exp_avg"].lerp_(gB, 1 - beta1)
+                mA, mB = stA["exp_avg"] / (1 - beta1**t), stB["exp_avg"] / (1 - beta1**t)  # bias-corrected
+                C = 0.5 * (mA @ Af.T + Bf.T @ mB)  # (r, r) INFERRED: the mean of the two estimates
+                dA, dB = factor_update(Af, Bf, mA, mB, p, q, C=C, **kw)
+            else:
+                dA, dB = factor_update(Af, Bf, gA, gB, p, q, **kw)
+                if group["mode"] == "scaled_adamw":  # INFERRED alternative: AdamW moments of (ΔA, ΔB)
+                    dA, dB = (_adam_direction(st, d, beta1, beta2, group["eps"], t)
+                              for st, d in ((stA, dA), (stB, dB)))  # fmt: skip
+
+            # 3. decoupled decay, then the step, both from the pre-step factors
+            lr, wd = group["lr"], group["weight_decay"]
+            for param, d in ((A, dA), (B, dB)):
+                if wd != 0:
+                    param.mul_(1 - lr * wd)  # INFERRED form: AdamW's decoupled decay
+                param.sub_(d.to(param.dtype), alpha=lr)
+
+    def _step_adamw(self, group: dict) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                      eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=False)
+
+
+def _adam_direction(state: dict, d: Tensor, beta1: float, beta2: float, eps: float, t: int) -> Tensor:
+    """m̂ / (√v̂ + ε) of the moments of d, updated in `state` (AdamW's arithmetic without the lr)."""
+    state["exp_avg"].lerp_(d, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
+    denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
+    return state["exp_avg"] / (1 - beta1**t) / denom
+
+
+def _validate(lr, betas, eps, weight_decay, mode, stats, delta_rel, delta_abs, other_weight_decay) -> None:
+    """One-line errors for settings outside their meaningful ranges."""
+    if not lr >= 0.0:
+        raise AdaPreLoRAError(f"AdaPreLoRA: lr must be >= 0, got {lr}")
+    if len(tuple(betas)) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise AdaPreLoRAError(f"AdaPreLoRA: betas must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
+    if mode not in MODES:
+        raise AdaPreLoRAError(f"AdaPreLoRA: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if stats not in STATS:
+        raise AdaPreLoRAError(f"AdaPreLoRA: stats must be one of {', '.join(STATS)}, got {stats!r}")
+    for name, value in (("eps", eps), ("weight_decay", weight_decay), ("delta_rel", delta_rel),
+                        ("delta_abs", delta_abs), ("other_weight_decay", other_weight_decay)):
+        if not value >= 0.0:
+            raise AdaPreLoRAError(f"AdaPreLoRA: {name} must be >= 0, got {value}")
