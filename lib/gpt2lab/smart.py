@@ -50,6 +50,7 @@ terms on any task with `embeddings(model, batch)` and `outputs(model, batch, inp
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -139,8 +140,9 @@ def perturb(fn: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, cl
     already computed (held constant here); `mask` says which output distributions count (see `symmetric_kl`);
     `input_mask` (B, T) 0/1 says which tokens may be perturbed (padding: 0). Draws exactly one
     torch.randn_like(embeds) from the global RNG (the noise init), then, `steps` times, one forward + backward of
-    fn to nu only. Returns nu detached: the caller runs the adversarial forward fn(embeds + nu) with gradients.
-    compat=True: smart-pytorch 0.0.4's update (see the module docstring), else the paper's.
+    fn to nu only (so fn had better record no weight-gradient work: see `frozen`). Returns nu detached: the caller
+    runs the adversarial forward fn(embeds + nu) with gradients. compat=True: smart-pytorch 0.0.4's update (see the
+    module docstring), else the paper's.
     """
     check_settings(eps, step_size, noise_var, steps)
     base = embeds.detach()  # the search moves nu only; the caller's final forward differentiates through embeds
@@ -165,6 +167,24 @@ def perturb(fn: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, cl
 
 
 # ------------------------------------------------------------------------------------------ §4 the regularizer
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """requires_grad off for the model's trainable parameters inside the block, restored after (even on an error).
+
+    A forward run inside records no weight-gradient work, so a backward to its inputs alone (the ascent steps)
+    costs activation gradients only. Autograd skips unneeded weight gradients of its own ops anyway, but a custom
+    autograd Function (our tied head) computes every gradient its inputs require; frozen, it computes none.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def base_task(task):
@@ -208,7 +228,12 @@ class SmartRegularizer:
             return torch.zeros((), device=outputs.logits.device)
         task = self.task
         embeds = task.embeddings(model, batch)  # (B, T, C), with its graph (the embedding matrix is trained too)
-        delta = perturb(lambda e: task.outputs(model, batch, e).logits, embeds, outputs.logits, outputs.mask,
+
+        def logits(e):  # the search differentiates to nu only: parameters frozen, no weight-gradient work recorded
+            with frozen(model):
+                return task.outputs(model, batch, e).logits
+
+        delta = perturb(logits, embeds, outputs.logits, outputs.mask,
                         batch.get("attention_mask"), eps=self.eps, step_size=self.step_size,
                         noise_var=self.noise_var, steps=self.steps, compat=self.compat)  # (B, T, C)
         adversarial = task.outputs(model, batch, embeds + delta)  # the one adversarial forward
@@ -311,9 +336,11 @@ class MomentumBregman:
         """One EMA step: theta~ <- beta * theta~ + (1 - beta) * theta (after an optimizer step)."""
         ema = self._ema_for(model)
         beta = self._check_beta(self.beta(self.updates) if callable(self.beta) else self.beta)
-        with torch.no_grad():
-            for name, p in trainable_parameters(model).items():
-                ema[name].mul_(beta).add_(p.detach(), alpha=1 - beta)
+        params = trainable_parameters(model)
+        with torch.no_grad():  # one fused multiply and add over all tensors: the same numbers as tensor by tensor
+            emas, values = [ema[name] for name in params], [p.detach() for p in params.values()]
+            torch._foreach_mul_(emas, beta)
+            torch._foreach_add_(emas, values, alpha=1 - beta)
         self.updates += 1
 
     def _ema_for(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -381,5 +408,5 @@ class MomentumBregman:
         return f"MomentumBregman(weight={self.weight}, beta={self.describe()['beta']!r})"
 
 
-__all__ = ["SmartError", "symmetric_kl", "normalize", "project", "inf_norm", "perturb", "SmartRegularizer",
+__all__ = ["SmartError", "symmetric_kl", "normalize", "project", "inf_norm", "perturb", "frozen", "SmartRegularizer",
            "smart_objective", "MomentumBregman", "trainable_parameters"]
