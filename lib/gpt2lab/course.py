@@ -5,6 +5,7 @@
     python -m gpt2lab.course build --check    exit 1 naming every student notebook that is out of date
     (build takes --solutions DIR --notebooks DIR to work on other folders, e.g. temporary copies)
     python -m gpt2lab.course execute [NB...]  run solutions in place (quick mode in `make solutions`)
+    python -m gpt2lab.course grade [PATH...]  grade submitted notebooks (`make grade`; see gpt2lab.grading)
 
 Used by `make student`, `make test` and `make solutions`. Solution regions are marked the nbgrader way; each
 becomes a stub at the same indentation:
@@ -479,8 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--notebooks", type=Path, default=NOTEBOOKS, help="default: notebooks/ of this repo")
     e = sub.add_parser("execute", help="re-run solution notebooks in place")
     e.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook in solutions/")
+    from . import grading
+
+    grading.add_arguments(sub.add_parser("grade", help="run submitted notebooks, collect their checks, report "
+                                         "crashes, timeouts and tampering (grades.csv, grades.md)"))
     args = parser.parse_args(argv)
     try:
+        if args.command == "grade":
+            return grading.main(args)
         if args.command == "execute":
             execute(args.notebooks or solution_notebooks(SOLUTIONS))
             return 0
