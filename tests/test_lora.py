@@ -389,6 +389,42 @@ def test_bad_settings_are_one_line_errors_listing_the_choices():
                                                                                           "mlp_out")  # fmt: skip
 
 
+def test_the_base_fingerprint_is_the_training_loops():
+    from gpt2lab.runs import weights_fingerprint
+
+    model = tiny()
+    plain = lora.base_fingerprint(model)
+    assert plain == weights_fingerprint(model.named_parameters()) == lora.weights_fingerprint(model.named_parameters())
+    randomize(add_lora(model, 2, targets="all"))
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    assert lora.base_fingerprint(model) == plain == weights_fingerprint(frozen)  # what train() checks on resume
+    merge(model)
+    assert lora.base_fingerprint(model) == plain != weights_fingerprint(frozen)  # the base as it was before merging
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_factors_follow_the_base_and_merge_is_exact():
+    cpu = randomize(add_lora(tiny(), 4, alpha=8, targets="q,v,fc"))
+    x = ids()
+    with torch.no_grad():
+        expected = cpu(x)
+    model = cpu.to("cuda")
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    w = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    with torch.no_grad():
+        got = model(x.cuda())
+        assert (got.cpu() - expected).abs().max() < 1e-4
+        merge(model)
+        assert (model(x.cuda()) - got).abs().max() < 1e-4
+        unmerge(model)
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, w)
+    fresh = add_lora(tiny().cuda(), 4, alpha=8, targets="q,v,fc")
+    assert lora_pairs(fresh)[0].A.device.type == "cuda"
+    lora.load_lora(fresh, lora_state_dict(model))
+    with torch.no_grad():
+        assert torch.equal(fresh(x.cuda()), model(x.cuda()))
+
+
 # ---------------------------------------------------------------------------------------- training through the loop
 
 

@@ -42,6 +42,7 @@ the price of exactness is one extra copy of the adapted weights while merged.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import OneLineError
-from .runs import weights_fingerprint
 
 # target name -> (suffix of the linear layer's module name, which third of the fused output or None for all of it)
 TARGETS: dict[str, tuple[str, int | None]] = {
@@ -241,6 +241,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=("
     return model
 
 
+def _is_factor(name: str) -> bool:
+    return ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+
+
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """(name, module) of every LoRALinear, in model order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -286,16 +290,26 @@ def unmerge(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ §4 adapter files
 
 
+def weights_fingerprint(named_tensors) -> str:
+    """16 hex digits from names, shapes, dtypes and 16 values sampled from each tensor: the recipe of the training
+    loop's checkpoints (notebook 04, §6), repeated here because lora comes before the loop. Cheap and exact (no
+    reduction whose rounding could vary), though not a cryptographic proof that every value is the same."""
+    h = hashlib.sha256()
+    for name, t in sorted(named_tensors, key=lambda item: item[0]):
+        t = t.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        flat = t.reshape(-1)
+        if flat.numel():  # float64 positions: float32 cannot hold every index of a large embedding exactly
+            idx = torch.linspace(0, flat.numel() - 1, min(16, flat.numel()), dtype=torch.float64).long().to(flat.device)
+            h.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def base_fingerprint(model: nn.Module) -> str:
-    """A fingerprint of the base weights (every parameter that is not a LoRA factor, as before any merge)."""
-    named = []
-    for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            full = f"{name}.{pname}" if name else pname
-            if isinstance(module, LoRALinear) and pname == "weight":
-                p = module.base_weight()
-            named.append((full, p))
-    named = [(n, p) for n, p in named if ".lora_A." not in f".{n}" and ".lora_B." not in f".{n}"]
+    """A fingerprint of the base weights (every parameter that is not a LoRA factor, as before any merge). It equals
+    the frozen-base fingerprint the training loop stores in its checkpoints."""
+    before_merge = {id(m.weight): m.base_weight() for _, m in lora_modules(model)}
+    named = [(n, before_merge.get(id(p), p)) for n, p in model.named_parameters() if not _is_factor(n)]
     return weights_fingerprint(named)
 
 
@@ -303,7 +317,7 @@ def lora_state_dict(model: nn.Module) -> dict:
     """Only the adapter factors (name -> tensor, on the CPU), plus one entry META_KEY holding the settings (rank,
     alpha, rslora, dropout, targets) and the fingerprint of the base they were trained on. Notebook 05, §4."""
     settings = lora_settings(model)
-    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if _is_factor(n)}
     state[META_KEY] = {**settings, "base_fingerprint": base_fingerprint(model), "format": 1}
     return state
 
@@ -334,7 +348,7 @@ def load_lora(model: nn.Module, state: dict) -> nn.Module:
         add_lora(model, meta["rank"], meta["alpha"], meta["targets"], meta["dropout"], meta["rslora"])
     params = dict(model.named_parameters())
     tensors = {k: v for k, v in state.items() if k != META_KEY}
-    expected = {n for n in params if ".lora_A." in n or ".lora_B." in n}
+    expected = {n for n in params if _is_factor(n)}
     if set(tensors) != expected:
         odd = sorted(set(tensors) ^ expected)
         more = ", ..." if len(odd) > 3 else ""

@@ -95,6 +95,15 @@ def _current_mb(device) -> float:
     return 0.0 if rss is None else rss
 
 
+def _lifetime_peak_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
 def measure(setting: str, args) -> dict:
     """Build the model for `setting` ("full" or "r<rank>"), time --repeats training steps, return the figures."""
     from .. import runs
@@ -129,7 +138,12 @@ def measure(setting: str, args) -> dict:
             walls.append(time.perf_counter() - start)
             cpus.append(time.process_time() - cpu_start)
         memory.sample()
-    peak = memory.peak_mb() - baseline
+    peak = memory.peak_mb()
+    if args.one is not None and memory.how.startswith("resident memory sampled") and _lifetime_peak_mb():
+        # the peak counter could not be reset (it happens under load): in a fresh process the lifetime peak is
+        # this setting's own, and unlike samples taken between steps it includes the peak inside a step
+        peak, memory.how = _lifetime_peak_mb(), "the process's lifetime peak resident memory (a fresh process)"
+    peak -= baseline
     del model, optimizer, loss
     gc.collect()
     return {"setting": setting, "trainable": report["trainable"], "total": report["total"],
