@@ -48,21 +48,22 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ..data import OneLineError
 from .adamw import adamw_foreach
 from .groups import no_decay
 
-__all__ = ["AdaPreLoRA", "AdaPreLoRAError", "adafactor_statistics", "damped", "factor_update", "find_pairs",
-           "preconditioner", "tangent_change"]
+__all__ = ["AdaPreLoRA", "AdaPreLoRAError", "LoRAOptimizerError", "adafactor_statistics", "damped", "factor_update",
+           "find_pairs", "preconditioner", "tangent_change"]
 
 MODES = ("sgd", "factor_momentum", "scaled_adamw")
 STATS = ("transient", "gram")
 
 
-class AdaPreLoRAError(ValueError):
-    """Bad settings or a model without LoRA pairs: the one-line message says what to do."""
+class LoRAOptimizerError(OneLineError, ValueError):
+    """Bad settings, or a model without LoRA pairs, for a LoRA-pair optimizer: the message says what to do."""
 
-    def _render_traceback_(self) -> list[str]:  # Jupyter: the one line, not a traceback
-        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
+AdaPreLoRAError = LoRAOptimizerError
 
 
 # ------------------------------------------------------------------------------------ the closed form (notebook §2-§4)
@@ -157,13 +158,13 @@ def find_pairs(model_or_pairs) -> list:
     else:
         pairs = list(model_or_pairs)
     if not pairs:
-        raise AdaPreLoRAError("no LoRA (A, B) pairs found: add adapters first (gpt2lab.lora.add_lora(model, rank=8)) "
-                              "or train this model with AdamW")
+        raise LoRAOptimizerError("no LoRA (A, B) pairs found: add adapters first (gpt2lab.lora.add_lora(model, "
+                                 "rank=8)) or train this model with AdamW")
     for pair in pairs:
         r = pair.A.shape[0]
         if pair.A.dim() != 2 or pair.B.dim() != 2 or pair.B.shape[1] != r:
-            raise AdaPreLoRAError(f"pair {getattr(pair, 'name', '?')}: A must be (r, n) and B (m, r), got "
-                                  f"{tuple(pair.A.shape)} and {tuple(pair.B.shape)}")
+            raise LoRAOptimizerError(f"pair {getattr(pair, 'name', '?')}: A must be (r, n) and B (m, r), got "
+                                     f"{tuple(pair.A.shape)} and {tuple(pair.B.shape)}")
     return pairs
 
 
@@ -201,9 +202,9 @@ class _Statistics:
         for i, pair in enumerate(pairs):
             module = getattr(pair, "module", None)
             if module is None or not hasattr(module, "lora_dropout") or not hasattr(pair, "out_slice"):
-                raise AdaPreLoRAError(f"pair {getattr(pair, 'name', i)} has no LoRA module with lora_dropout and "
-                                      "out_slice: AdaPreLoRA needs them to gather its statistics (use "
-                                      "gpt2lab.lora.lora_pairs)")
+                raise LoRAOptimizerError(f"pair {getattr(pair, 'name', i)} has no LoRA module with lora_dropout and "
+                                         "out_slice: AdaPreLoRA needs them to gather its statistics (use "
+                                         "gpt2lab.lora.lora_pairs)")
             by_module.setdefault(id(module), (module, []))[1].append(i)
         for key, (module, idx) in by_module.items():
             self.handles.append(module.lora_dropout.register_forward_hook(
@@ -379,13 +380,14 @@ class AdaPreLoRA(torch.optim.Optimizer):
             gathered = self._stats.gathered.get(self._stats.index[id(A)])
             name = getattr(self.pairs[i], "name", f"pair {i}")
             if gathered is None:
-                raise AdaPreLoRAError(f"{name} has gradients but AdaPreLoRA saw no backward pass through its module: "
-                                      "build the optimizer before the forward pass, and unmerge the adapters")
+                raise LoRAOptimizerError(f"{name} has gradients but AdaPreLoRA saw no backward pass through its "
+                                         "module: build the optimizer before the forward pass, and unmerge the "
+                                         "adapters")
             row, col, gat, passes = gathered
             if passes > 1:
-                raise AdaPreLoRAError(f"{name}: {passes} backward passes since the last step; AdaPreLoRA's statistics "
-                                      "need the gradient of the whole step: call step() after each backward (no "
-                                      "gradient accumulation)")  # fmt: skip
+                raise LoRAOptimizerError(f"{name}: {passes} backward passes since the last step; AdaPreLoRA's "
+                                         "statistics need the gradient of the whole step: call step() after each "
+                                         "backward (no gradient accumulation)")
             gA = torch.zeros_like(A) if A.grad is None else A.grad
             gB = torch.zeros_like(B) if B.grad is None else B.grad
             dtype = torch.promote_types(A.dtype, torch.float32)
@@ -470,14 +472,14 @@ def _adam_direction(state: dict, d: Tensor, beta1: float, beta2: float, eps: flo
 def _validate(lr, betas, eps, weight_decay, mode, stats, delta_rel, delta_abs, other_weight_decay) -> None:
     """One-line errors for settings outside their meaningful ranges."""
     if not lr >= 0.0:
-        raise AdaPreLoRAError(f"AdaPreLoRA: lr must be >= 0, got {lr}")
+        raise LoRAOptimizerError(f"AdaPreLoRA: lr must be >= 0, got {lr}")
     if len(tuple(betas)) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise AdaPreLoRAError(f"AdaPreLoRA: betas must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
+        raise LoRAOptimizerError(f"AdaPreLoRA: betas must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
     if mode not in MODES:
-        raise AdaPreLoRAError(f"AdaPreLoRA: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise LoRAOptimizerError(f"AdaPreLoRA: mode must be one of {', '.join(MODES)}, got {mode!r}")
     if stats not in STATS:
-        raise AdaPreLoRAError(f"AdaPreLoRA: stats must be one of {', '.join(STATS)}, got {stats!r}")
+        raise LoRAOptimizerError(f"AdaPreLoRA: stats must be one of {', '.join(STATS)}, got {stats!r}")
     for name, value in (("eps", eps), ("weight_decay", weight_decay), ("delta_rel", delta_rel),
                         ("delta_abs", delta_abs), ("other_weight_decay", other_weight_decay)):
         if not value >= 0.0:
-            raise AdaPreLoRAError(f"AdaPreLoRA: {name} must be >= 0, got {value}")
+            raise LoRAOptimizerError(f"AdaPreLoRA: {name} must be >= 0, got {value}")
