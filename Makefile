@@ -18,13 +18,18 @@ ifeq ($(origin GPT2LAB_DATA), undefined)
   endif
 endif
 
-.PHONY: lab test lint student solutions bench help
+.PHONY: lab test lint student solutions bench grade help
 help:
 	@echo "make lab       open the course in JupyterLab (notebooks/00_welcome.ipynb)"
 	@echo "make test      lint, check notebooks/ is in step, run pytest and nbval (quick mode)"
 	@echo "make student   regenerate notebooks/ from solutions/, keeping your answers (FORCE=1: backup, then write)"
 	@echo "make solutions re-execute solutions/ in quick mode (refreshes the outputs nbval checks)"
 	@echo "make bench     our GPT-2 and AdamW against transformers and torch.optim, side by side (ratios)"
+	@echo "make grade     run your notebooks/ as the grader does and show where you stand (build/grades/)"
+
+# Your notebooks are only read (run as copies, in quick mode); exit status 1 until every check passes.
+grade: $(STAMP)
+	$(PY) -m gpt2lab.course grade notebooks --out build/grades
 
 # constraints.txt holds the exact versions (pyproject.toml only declares ranges, for GPU machines; see README).
 $(STAMP): pyproject.toml constraints.txt
