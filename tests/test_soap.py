@@ -392,3 +392,14 @@ def test_sparse_gradient_gives_a_clear_error():
     with pytest.raises(RuntimeError, match="SOAP got a sparse gradient \\(param group 0, parameter 0\\)") as info:
         SOAP(emb.parameters()).step()
     assert "\n" not in str(info.value)
+
+
+def test_bench_soap_section_runs_on_tiny_shapes(capsys):
+    """`python -m gpt2lab.bench optim --small` times SOAP against pytorch_optimizer's (timings never asserted)."""
+    from gpt2lab.bench import optim as bench
+
+    result = bench.run_soap(small=True, steps=3, frequency=3)
+    assert set(result["median"]) == {"ours", "reference"} and result["ratio"] > 0
+    assert all(len(kinds["plain"]) == 2 and len(kinds["refresh"]) == 1 for kinds in result["times"].values())
+    assert bench.main(["--small", "--repeats", "1", "--steps", "1", "--soap-steps", "1"]) == 0
+    assert "ratio ours / pytorch_optimizer: plain" in capsys.readouterr().out

@@ -11,6 +11,15 @@ machine load hit both. The headline ratio (ours / torch) is the median over repe
 back-to-back pair, which cancels slow changes in load on a shared machine; the ratio of the median step times and
 of the fastest runs are printed beside it.
 `--small` uses tiny shapes (the smoke test). Built for notebook 03 (adamw); timings are never asserted in tests.
+
+SOAP section (notebook 07): one step of gpt2lab.optim.SOAP vs pytorch_optimizer.SOAP (the same params and grads,
+float32, precondition_frequency 10). A SOAP step is one of two kinds: a plain step (rotate, Adam, rotate back,
+update the Kronecker factors) or, every 10th step, a refresh step that adds one power iteration + QR per factor.
+Each step is timed on its own, ours and the reference's back to back (order swapped every step); the figures are
+the medians of each kind and the amortised step (9 plain + 1 refresh) / 10, whose ratio is the headline (target
+<= 1.0x). The first call (statistics and a full eigendecomposition) is timed once, apart. `--soap-layers` sets the
+number of GPT-2-small blocks (default: all 12 on a GPU, 1 on a CPU, where a 3072×3072 QR takes seconds; the token
+and position embeddings are always in). `--soap-steps 0` skips the section.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import time
 
 import torch
 
-from ..optim import AdamW
+from ..optim import SOAP, AdamW
 
 
 def gpt2_shapes(vocab: int = 50257, n_positions: int = 1024, n_embd: int = 768, n_layer: int = 12) -> list[tuple]:
@@ -92,6 +101,60 @@ def run(device: str = "cpu", repeats: int = 9, steps: int = 2, dtype: str = "flo
                 ratio_best=best["ours"] / best["torch"], device=str(device_t), dtype=dtype)
 
 
+def run_soap(device: str = "cpu", layers: int = 1, steps: int = 10, small: bool = False,
+             frequency: int = 10) -> dict | None:
+    """Time SOAP steps, ours vs pytorch_optimizer's, one by one; None when pytorch_optimizer is not installed."""
+    try:
+        from pytorch_optimizer import SOAP as ReferenceSOAP
+    except ImportError:
+        return None
+    device_t = torch.device(device)
+    shapes = gpt2_shapes(**SMALL) if small else gpt2_shapes(n_layer=layers)
+    hyper = dict(lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=frequency)
+    optimizers = {"ours": SOAP(make_params(shapes, device_t, torch.float32), **hyper),
+                  "reference": ReferenceSOAP(make_params(shapes, device_t, torch.float32), **hyper)}
+    first = {name: time_steps(opt, 1, device_t) for name, opt in optimizers.items()}  # statistics + eigh, no update
+    times: dict[str, dict[str, list[float]]] = {name: {"plain": [], "refresh": []} for name in optimizers}
+    for t in range(1, steps + 1):  # t counts the steps after the first call, as the refresh schedule does
+        kind = "refresh" if t % frequency == 0 else "plain"
+        order = list(optimizers) if t % 2 else list(optimizers)[::-1]
+        for name in order:
+            times[name][kind].append(time_steps(optimizers[name], 1, device_t))
+    median = {name: {k: statistics.median(v) if v else None for k, v in kinds.items()} for name, kinds in
+              times.items()}
+
+    def amortised(m: dict) -> float | None:  # one refresh every `frequency` steps
+        return None if m["refresh"] is None else ((frequency - 1) * m["plain"] + m["refresh"]) / frequency
+
+    paired = {k: statistics.median(a / b for a, b in zip(times["ours"][k], times["reference"][k])) if
+              times["ours"][k] else None for k in ("plain", "refresh")}
+    ours_a, ref_a = amortised(median["ours"]), amortised(median["reference"])
+    return dict(n_tensors=len(shapes), n_values=sum(torch.Size(s).numel() for s in shapes), first=first,
+                times=times, median=median, paired=paired, amortised={"ours": ours_a, "reference": ref_a},
+                ratio=None if ours_a is None else ours_a / ref_a, device=str(device_t), frequency=frequency)
+
+
+def _print_soap(result: dict | None, args) -> None:
+    if result is None:
+        print("SOAP: skipped, pytorch_optimizer is not installed (pip install -e '.[dev]')")
+        return
+    shapes = "tiny" if args.small else f"GPT-2 small ({args.soap_layers} block{'s' * (args.soap_layers > 1)} + "\
+                                       "embeddings)"
+    print(f"SOAP step, {shapes} shapes: {result['n_tensors']} tensors, {result['n_values']:,} values, float32 on "
+          f"{args.device}; {args.soap_steps} steps each, a refresh every {result['frequency']}")
+    for name, label in (("ours", "gpt2lab.optim.SOAP"), ("reference", "pytorch_optimizer.SOAP")):
+        m = result["median"][name]
+        refresh = "   (no refresh step timed)" if m["refresh"] is None else \
+            f"   refresh {1e3 * m['refresh']:9.1f} ms   amortised {1e3 * result['amortised'][name]:9.1f} ms/step"
+        print(f"  {label:24s} first call {1e3 * result['first'][name]:9.1f} ms   plain {1e3 * m['plain']:9.1f} ms"
+              f"{refresh}")
+    paired = result["paired"]
+    line = f"  ratio ours / pytorch_optimizer: plain {paired['plain']:.3f}x (median of back-to-back pairs)"
+    if result["ratio"] is not None:
+        line += f", refresh {paired['refresh']:.3f}x, amortised {result['ratio']:.3f}x (target <= 1.0x)"
+    print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt2lab.bench optim", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny GPT-2 shapes (a smoke test, seconds)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); 1 is steadier on a busy shared machine")
+    parser.add_argument("--soap-layers", type=int, default=None,
+                        help="GPT-2-small blocks in the SOAP section (default: 12 on a GPU, 1 on a CPU)")
+    parser.add_argument("--soap-steps", type=int, default=10,
+                        help="SOAP steps timed after the first call (every 10th is a refresh); 0 skips SOAP")
     args = parser.parse_args(argv)
+    if args.soap_layers is None:
+        args.soap_layers = 12 if args.device.startswith("cuda") else 1
+    if args.soap_layers < 1 or args.soap_steps < 0:
+        parser.error("--soap-layers must be >= 1 and --soap-steps >= 0")
     if args.repeats < 1 or args.steps < 1:
         parser.error("--repeats and --steps must be >= 1")
     if args.threads is not None:
@@ -118,4 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:34s} median {1e3 * result['median'][name]:9.2f} ms/step   (runs: {runs})")
     print(f"  ratio ours / torch: {result['ratio']:.3f}x (median of the {args.repeats} back-to-back pairs; "
           f"{result['ratio_of_medians']:.3f}x of medians, {result['ratio_best']:.3f}x of fastest runs; target <= 1.2x)")
+    if args.soap_steps:
+        _print_soap(run_soap(args.device, args.soap_layers, args.soap_steps, args.small), args)
     return 0
