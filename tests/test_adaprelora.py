@@ -574,7 +574,7 @@ def test_one_line_errors():
     with pytest.raises(AdaPreLoRAError, match=r"^no LoRA \(A, B\) pairs found: add adapters first"):
         AdaPreLoRA(plain, lr=1e-3)
     layer = lora_layer()
-    for kw, match in ((dict(mode="adam"), "mode must be one of sgd, factor_momentum, scaled_adamw"),
+    for kw, match in ((dict(mode="adam"), "mode must be one of sgd, scaled_adamw, factor_momentum"),
                       (dict(betas=(0.9, 1.0)), "betas must be a pair"), (dict(lr=-1.0), "lr must be >= 0"),
                       (dict(stats="full"), "stats must be one of transient, gram"),
                       (dict(weight_decay=-0.1), "weight_decay must be >= 0")):

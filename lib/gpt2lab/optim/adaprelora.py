@@ -28,7 +28,8 @@ With P = Q = I the W-direction is LoRA-Pro's Frobenius tangent projection P_B G 
 
 Numerics and cost. The r×r solves are damped, (M + λI) with λ = δ_rel·tr(M)/r + δ_abs (at B = 0, M_B = 0 and
 the damped solve gives the exact answer: ΔA = 0 and ΔB A is the projection of Z onto {Y A}), in float32 or wider.
-Persistent state per pair is ℓ (m) and c (n), plus the factor momentum (r·(m+n)) in the Adam variant: O((m+n)·r).
+Persistent state per pair is ℓ (m) and c (n), plus AdamW's two moments of the factor steps in the Adam variant
+(2·r·(m+n), as LoRA-AdamW and Scaled AdamW): O((m+n)·r).
 The statistics need the row and column sums of G∘G, which autograd never forms (it computes ∇A, ∇B directly).
 `AdaPreLoRA` gathers them with hooks on the LoRA module during backward: x~ from `module.lora_dropout`'s output,
 δ = dL/dy from the module output's column slice, then per matrix either G = δᵀ x~ formed transiently and reduced
@@ -55,7 +56,7 @@ from .groups import no_decay
 __all__ = ["AdaPreLoRA", "AdaPreLoRAError", "LoRAOptimizerError", "adafactor_statistics", "damped", "factor_update",
            "find_pairs", "preconditioner", "tangent_change"]
 
-MODES = ("sgd", "factor_momentum", "scaled_adamw")
+MODES = ("sgd", "scaled_adamw", "factor_momentum")
 STATS = ("transient", "gram")
 
 
@@ -114,9 +115,9 @@ def factor_update(A: Tensor, B: Tensor, G_A: Tensor, G_B: Tensor, p: Tensor, q: 
     gradients: with scale=1 the unscaled BᵀG and G Aᵀ; with the LoRA scale s, autograd's ∇A = s·BᵀG and
     ∇B = s·G Aᵀ, and the result is multiplied by s⁻² (scale_invariant=True, INFERRED default) so that
     B ΔA + ΔB A = T*/s and the W-change s·(B ΔA + ΔB A) is T* for every s. p (m,), q (n,) the diagonals of the
-    Adafactor preconditioner (`preconditioner`). C (r, r) defaults to G_A Aᵀ (= Bᵀ G_B); the Adam variant passes
+    Adafactor preconditioner (`preconditioner`). C (r, r) defaults to G_A Aᵀ (= Bᵀ G_B); the momentum variant passes
     its own. The r×r matrices are damped (`damped`; delta_rel = delta_abs = 0 for the undamped formula). Computed
-    in float32 or wider; the results have the dtype of A and B.
+    in float32 or wider, and returned in that dtype.
     """
     r, n = A.shape
     m = B.shape[0]
@@ -295,13 +296,17 @@ class AdaPreLoRA(torch.optim.Optimizer):
        p, q from `preconditioner` (bias-corrected).
     2. direction (`mode`):
        * "sgd" (Algorithm 1): `factor_update` of the gradients ∇A, ∇B;
-       * "factor_momentum" (the Adam variant, default; INFERRED: the paper's Algorithm 2 is not in the text we
-         have, only that it is "two-sided diagonal whitening on momentum" with the memory of Scaled AdamW):
-         bias-corrected EMAs m_A, m_B of ∇A, ∇B (β₁) in place of the gradients, with
-         C = ½(m̂_A Aᵀ + Bᵀ m̂_B) (the two estimates of Bᵀ Ḡ Aᵀ differ once A, B move; their mean is our choice);
-         β₁ = 0 is Algorithm 1 exactly;
-       * "scaled_adamw" (INFERRED alternative): Algorithm 1's (ΔA, ΔB) fed as gradients into AdamW's moments
-         (bias-corrected, eps), which bounds per-entry factor steps; twice the factors' size in state.
+       * "scaled_adamw" (the Adam variant, default; INFERRED: the paper's Algorithm 2 is not in the text we have,
+         only that it keeps the peak memory of Scaled AdamW): Algorithm 1's (ΔA, ΔB) fed as gradients into AdamW's
+         bias-corrected moments (β₁, β₂, eps), like Scaled AdamW does with its preconditioned gradients. This
+         bounds the per-entry factor steps, which Algorithm 1 does not: right after B = 0, ‖B‖ = O(lr), so B ΔA
+         being an O(1) projection makes ΔA = O(1/lr). State: twice the factors, plus ℓ and c.
+       * "factor_momentum" (INFERRED alternative, from "two-sided diagonal whitening on momentum"): bias-corrected
+         EMAs m_A, m_B of ∇A, ∇B (β₁) in place of the gradients, with C = ½(m̂_A Aᵀ + Bᵀ m̂_B) (the two estimates
+         of Bᵀ Ḡ Aᵀ differ once A, B move; their mean is our choice); β₁ = 0 is Algorithm 1 exactly. Beware: it
+         carries Algorithm 1's O(1/lr) first step of A on for ~1/(1 − β₁) steps, and the momentum, gathered at
+         other factors, stops matching the current ones; on notebook 08's toy it diverges where "sgd" and
+         "scaled_adamw" converge.
     3. decoupled weight decay A, B ← (1 − lr·λ)(A, B) (INFERRED form), then A ← A − lr·ΔA, B ← B − lr·ΔB, both
        from the same pre-step factors.
 
@@ -317,13 +322,13 @@ class AdaPreLoRA(torch.optim.Optimizer):
 
     One backward pass per step: a second pass that accumulates into the factors' .grad before step() (gradient
     accumulation) is refused in step(), since the statistics need the square of the summed gradient. State
-    (`state_dict`): per pair, "step", "col_sq" (n) and "exp_avg" (r, n) with A, "row_sq" (m) and "exp_avg" (m, r)
-    with B ("exp_avg_sq" too in "scaled_adamw"); AdamW's state for the rest. Call `remove_hooks()` (or delete the
-    optimizer) to stop gathering statistics.
+    (`state_dict`): per pair, "step", "col_sq" (n) with A and "step", "row_sq" (m) with B, plus per factor
+    "exp_avg" ("factor_momentum") or "exp_avg" and "exp_avg_sq" ("scaled_adamw"); AdamW's state for the rest.
+    Call `remove_hooks()` (or delete the optimizer) to stop gathering statistics.
     """
 
     def __init__(self, model, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, mode: str = "factor_momentum", eps1: float = 1e-30,
+                 weight_decay: float = 0.0, mode: str = "scaled_adamw", eps1: float = 1e-30,
                  delta_rel: float = 1e-6, delta_abs: float = 1e-12, scale_invariant: bool = True,
                  bias_correction: bool = True, stats: str = "transient", other_weight_decay: float = 0.01):  # fmt: skip
         _validate(lr, betas, eps, weight_decay, mode, stats, delta_rel, delta_abs, other_weight_decay)
