@@ -22,6 +22,15 @@ ATOL = 1e-5
 V = 1000  # vocabulary of the tiny models (smaller than GPT-2's: faster, same code paths)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a shared machine (no spinning thread pool)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(seed=0, **overrides) -> GPT2:
     torch.manual_seed(seed)
     return GPT2(GPT2Config.tiny(vocab_size=V, n_positions=32, **overrides)).eval()
@@ -501,7 +510,7 @@ def test_training_with_lora_checkpoints_only_the_adapters_and_resumes_exactly(tm
 def test_bench_lora_tiny_runs(capsys):
     from gpt2lab.bench import __main__ as dispatcher
 
-    assert dispatcher.main(["lora", "--tiny"]) == 0
+    assert dispatcher.main(["lora", "--tiny", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "full fine-tuning" in out and "r=1 " in out and "r=4 " in out
     assert "time ratio" in out and "memory ratio" in out

@@ -166,8 +166,16 @@ def _measure_isolated(setting: str, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv or [])
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)  # as it was: main may run inside another program (the tests)
+
+
+def _main(args) -> int:
     if args.one is not None:  # the child process of --isolate
         print("RESULT " + json.dumps(measure(args.one, args)))
         return 0
