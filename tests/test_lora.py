@@ -211,6 +211,19 @@ def test_dropout_acts_on_the_adapter_input_only_and_once():
     assert (y - expected).abs().max() < ATOL
 
 
+def test_a_layer_built_directly_freezes_its_base_checks_its_settings_and_follows_autocast():
+    base = torch.nn.Linear(16, 24)
+    layer = randomize_layer(LoRALinear(base, {"q": slice(0, 8), "v": slice(16, 24)}, rank=2))
+    assert layer.weight is base.weight and not base.weight.requires_grad and not base.bias.requires_grad
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.q", "lora_A.v", "lora_B.q",
+                                                                           "lora_B.v"]  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the untouched block's zeros follow the adapters' dtype
+        assert layer(torch.randn(3, 16)).dtype == torch.bfloat16
+    for kw, pattern in ((dict(rank=0), "rank must be a positive integer"), (dict(rank=2, dropout=-0.1), "dropout")):
+        with pytest.raises(LoRAError, match=pattern):
+            LoRALinear(torch.nn.Linear(4, 4), {"all": slice(0, 4)}, **kw)
+
+
 def test_trainable_count_matches_the_formula_on_gpt2_small_shapes():
     for r, expected in ((4, 147_456), (8, 294_912)):
         with torch.device("meta"):  # shapes only: no memory, no time
@@ -380,7 +393,7 @@ def test_bad_settings_are_one_line_errors_listing_the_choices():
         (dict(targets="q,qkv"), r"adapt the fused q\|k\|v projection twice"),
         (dict(targets="all,v"), r"adapt the fused q\|k\|v projection twice"),
         (dict(dropout=1.5), r"dropout must be a probability in \[0, 1\], not 1.5"),
-        (dict(alpha=0), r"alpha must be positive"),
+        (dict(alpha=0), r"alpha must be a positive number \(or None for alpha = rank\), not 0"),
     ]
     for kw, pattern in cases:
         model = tiny()

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,11 +86,15 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, base: nn.Linear, slices: dict[str, slice], rank: int, alpha: float | None = None,
                  dropout: float = 0.0, rslora: bool = False):  # fmt: skip
+        check_settings(rank, alpha, dropout)
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate (and randomly fill) a new weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # the same Parameter objects: the base's state_dict keys and values stay
         self.bias = base.bias
-        self.rank = rank
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)  # the base is frozen; only the factors train
+        self.rank = int(rank)
         self.alpha = float(rank if alpha is None else alpha)
         self.rslora = rslora
         self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
@@ -110,15 +115,16 @@ class LoRALinear(nn.Linear):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapters' contribution to the output for an already dropped-out input x~ (..., in) -> (..., out)."""
+        blocks = [self.scale * F.linear(F.linear(x, self.lora_A[key]), self.lora_B[key])  # (..., r) -> (..., block)
+                  for key in self.slices]  # fmt: skip
         pieces, col = [], 0
-        for key, cols in self.slices.items():
+        for block, cols in zip(blocks, self.slices.values()):
             if cols.start > col:  # an untouched block (the k third with "q,v"): exactly zero
-                pieces.append(x.new_zeros(*x.shape[:-1], cols.start - col))
-            h = F.linear(x, self.lora_A[key])  # (..., r)
-            pieces.append(self.scale * F.linear(h, self.lora_B[key]))  # (..., block_out)
+                pieces.append(block.new_zeros(*block.shape[:-1], cols.start - col))  # dtype of the blocks (autocast)
+            pieces.append(block)
             col = cols.stop
         if col < self.out_features:
-            pieces.append(x.new_zeros(*x.shape[:-1], self.out_features - col))
+            pieces.append(blocks[0].new_zeros(*blocks[0].shape[:-1], self.out_features - col))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)  # (..., out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +176,16 @@ class LoRALinear(nn.Linear):
 # ------------------------------------------------------------------------------------------------------- §2 add_lora
 
 
+def check_settings(rank, alpha, dropout) -> None:
+    """One-line errors for a rank that is not a positive integer, a non-positive alpha, a dropout outside [0, 1]."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
+        raise LoRAError(f"LoRA rank must be a positive integer (1, 2, 4, 8, 16, ...), not {rank!r}")
+    if alpha is not None and not (isinstance(alpha, numbers.Real) and alpha > 0):
+        raise LoRAError(f"LoRA alpha must be a positive number (or None for alpha = rank), not {alpha!r}")
+    if not (isinstance(dropout, numbers.Real) and 0.0 <= dropout <= 1.0):
+        raise LoRAError(f"LoRA dropout must be a probability in [0, 1], not {dropout!r}")
+
+
 def parse_targets(targets) -> tuple[str, ...]:
     """Target names (a tuple/list or a comma string such as "q,v"), aliases expanded, in TARGETS order."""
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t).strip() for t in targets]
@@ -198,12 +214,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=("
     or a comma string. alpha defaults to rank (scale 1); rslora=True uses alpha/sqrt(rank). The A factors are
     drawn from the global torch RNG (seed it first for reproducible adapters), layer by layer in model order.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise LoRAError(f"LoRA rank must be a positive integer (1, 2, 4, 8, 16, ...), not {rank!r}")
-    if alpha is not None and not alpha > 0:
-        raise LoRAError(f"LoRA alpha must be positive (or None for alpha = rank), not {alpha!r}")
-    if not 0.0 <= dropout <= 1.0:
-        raise LoRAError(f"LoRA dropout must be a probability in [0, 1], not {dropout!r}")
+    check_settings(rank, alpha, dropout)
     names = parse_targets(targets)
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise LoRAError("this model already has LoRA adapters; add them to a fresh base model (or load_lora into one)")
