@@ -234,6 +234,16 @@ def library_fingerprints(names, fresh=True):
     import types
 
     scalars = (type(None), bool, int, float, complex, str, bytes)
+    torch_dir = getattr(sys.modules.get("torch"), "__file__", None)
+    torch_dir = torch_dir.rsplit("/", 1)[0] if isinstance(torch_dir, str) else None
+
+    def unwrapped(fn):
+        """Past the wrappers torch puts on functions at run time (an optimizer's step profiling hook, dynamo's
+        disable on torch.manual_seed): a student's function inside one is still theirs."""
+        while isinstance(getattr(fn, "__wrapped__", None), types.FunctionType) and torch_dir and \
+                fn.__code__.co_filename.startswith(torch_dir):  # fmt: skip
+            fn = fn.__wrapped__
+        return fn
 
     def code_fp(code):
         consts = tuple(code_fp(c) if isinstance(c, types.CodeType) else value_fp(c, 0) for c in code.co_consts)
@@ -255,6 +265,7 @@ def library_fingerprints(names, fresh=True):
         if isinstance(obj, property):
             return "property:" + ",".join(value_fp(f, depth) for f in (obj.fget, obj.fset, obj.fdel))
         if isinstance(obj, types.FunctionType):
+            obj = unwrapped(obj)
             parts = [code_fp(obj.__code__), value_fp(obj.__defaults__, depth),
                      repr(sorted((k, value_fp(v, depth)) for k, v in (obj.__kwdefaults__ or {}).items()))]
             if depth < 3:  # a decorated check keeps the student-facing function in its closure
@@ -279,7 +290,8 @@ def library_fingerprints(names, fresh=True):
         return hashlib.sha1(text.encode("utf-8", "backslashreplace")).hexdigest()[:12]
 
     skip = {"__builtins__", "__loader__", "__spec__", "__file__", "__cached__", "__doc__", "__path__", "__dict__",
-            "__weakref__", "__annotations__", "__module__", "__firstlineno__", "__static_attributes__"}
+            "__weakref__", "__annotations__", "__module__", "__firstlineno__", "__static_attributes__",
+            "__slotnames__"}  # copyreg caches __slotnames__ on a class the first time one of its objects is copied
     out = {}
 
     def walk_class(prefix, cls):
@@ -486,49 +498,27 @@ def _verdict(line: str) -> str:
     return ERROR
 
 
-def grade_notebook(sub: Submission, handouts: dict, timeout: float = TIMEOUT) -> list[Row]:
-    """The rows for one submitted notebook (the file is read once and never written)."""
-    name = sub.path.name
-
-    def row(exercise, cell, result, message):
-        return Row(sub.student, name, exercise, cell, result, message)
-
-    try:
-        submitted = course.read_notebook(sub.path)
-    except course.CourseError as err:
-        return [row(NOTEBOOK, None, UNREADABLE, str(err))]
-    handout_name, how = _handout_for(sub.path, submitted, handouts)
-    if handout_name is None:
-        return [row(NOTEBOOK, None, UNKNOWN, f"no handout in solutions/ matches it (grading takes the notebooks "
-                                            f"handed out: {', '.join(handouts)})")]
-    handout = handouts[handout_name]
-    specs = check_specs(handout)
+def locate_checks(submitted, handout, specs) -> tuple[dict, dict]:
+    """Where each check cell of the handout is in the submission: ({handout index: submitted index} for those found
+    unchanged (same hash; in order where possible), {handout index: (result, message, submitted cell or None)} for
+    the others: edited, removed, or outdated (the notebook's own record says it was handed out before that check)."""
     mine = [course.cell_hash(c) for c in submitted.cells]
-    aligned = _align(mine, [course.cell_hash(c) for c in handout.cells])
-    to_submitted = {h: s for s, h in aligned.items()}
+    in_place = {h: s for s, h in _align(mine, [course.cell_hash(c) for c in handout.cells]).items()}
     recorded = course._recorded(submitted)
     record = set(recorded["cells"]) if recorded else None
-
-    # each check cell of the handout, found (same hash) in the submission, in order where possible
-    found, used, last = {}, set(), -1
+    found, last = {}, -1
     for spec in specs:
-        same = [i for i, h in enumerate(mine) if h == spec.hash and i not in used]
-        later = [i for i in same if i > last]
-        pick = later[0] if later else (same[0] if same else None)
+        same = [i for i, h in enumerate(mine) if h == spec.hash and i not in found.values()]
+        pick = next((i for i in same if i > last), same[0] if same else None)
         if pick is not None:
-            found[spec.index], last = pick, pick
-            used.add(pick)
-
-    notebook_rows, rows = [], []
-    if how:
-        notebook_rows.append(row(NOTEBOOK, None, NOTE, how))
-    missing = {}  # handout check index -> (result, message, submitted cell or None)
+            found[spec.index] = last = pick
+    missing = {}
     for spec in specs:
         if spec.index in found:
             continue
-        edited = to_submitted.get(spec.index)  # the cell in its place, whatever it holds now
-        if edited is None or edited in used or submitted.cells[edited].cell_type != "code":
-            edited = next((i for i, c in enumerate(submitted.cells) if i not in used and is_check_cell(c)
+        edited = in_place.get(spec.index)  # the cell in its place, whatever it holds now
+        if edited is None or edited in found.values() or submitted.cells[edited].cell_type != "code":
+            edited = next((i for i, c in enumerate(submitted.cells) if i not in found.values() and is_check_cell(c)
                            and f"check.{spec.name}(" in c.source), None)
         first = _first_line(handout.cells[spec.index])
         if record is not None and spec.hash not in record and (edited is None or mine[edited] in record):
@@ -539,61 +529,86 @@ def grade_notebook(sub: Submission, handouts: dict, timeout: float = TIMEOUT) ->
                                              "graded; restore it", edited)
         else:
             missing[spec.index] = (TAMPERED, f"the check cell {first} was removed: not graded; restore it", None)
-    for result, message, edited in missing.values():
-        notebook_rows.append(row(NOTEBOOK, None if edited is None else edited + 1, result, message))
+    return found, missing
 
-    check_cells = set(found.values())
-    modules = sorted({"gpt2lab", "gpt2lab.checks", "gpt2lab.checks.core"} | {
-        f"gpt2lab.checks.{m}" for c in handout.cells if is_check_cell(c)
-        for m in _checks_imported(c.source)})  # fmt: skip
-    expected_check = next((f"gpt2lab.checks.{m}" for c in handout.cells if is_check_cell(c)
-                           for m in _checks_imported(c.source)), None)
-    nb = nbformat.from_dict(json.loads(json.dumps(submitted)))  # a copy: outputs go here, never to the file
-    cwd = sub.path.resolve().parent
+
+def grade_notebook(sub: Submission, handouts: dict, timeout: float = TIMEOUT) -> list[Row]:
+    """The rows for one submitted notebook (the file is read once and never written)."""
+
+    def row(exercise, cell, result, message):
+        return Row(sub.student, sub.path.name, exercise, cell, result, message)
+
     try:
-        run = execute(nb, cwd, timeout, check_cells, modules)
+        submitted = course.read_notebook(sub.path)
+    except course.CourseError as err:
+        return [row(NOTEBOOK, None, UNREADABLE, str(err))]
+    handout_name, how = _handout_for(sub.path, submitted, handouts)
+    if handout_name is None and course.STUDENT_OWN.match(sub.path.name):
+        return [row(NOTEBOOK, None, NOTE, "a notebook of your own (not a handout): not graded")]
+    if handout_name is None:
+        return [row(NOTEBOOK, None, UNKNOWN, f"no handout in solutions/ matches it (grading takes the notebooks "
+                                            f"handed out: {', '.join(handouts)})")]
+    handout = handouts[handout_name]
+    specs = check_specs(handout)
+    found, missing = locate_checks(submitted, handout, specs)
+    head = [row(NOTEBOOK, None, NOTE, how)] if how else []
+    head += [row(NOTEBOOK, None if cell is None else cell + 1, result, message) for result, message, cell in
+             missing.values()]  # fmt: skip
+    imported = [f"gpt2lab.checks.{m}" for c in handout.cells if is_check_cell(c) for m in _checks_imported(c.source)]
+    modules = sorted({"gpt2lab", "gpt2lab.checks", "gpt2lab.checks.core", *imported})
+    nb = nbformat.from_dict(json.loads(json.dumps(submitted)))  # a copy: outputs go here, never to the file
+    try:
+        run = execute(nb, sub.path.resolve().parent, timeout, set(found.values()), modules)
     except Exception as err:  # the kernel would not start, or nbclient failed: say so, grade nothing
-        return notebook_rows + [row(NOTEBOOK, None, ERROR, f"could not run it: {type(err).__name__}: {err}")]
+        return head + [row(NOTEBOOK, None, ERROR, f"could not run it: {type(err).__name__}: {err}")]
 
-    if run.stopped == TIMED_OUT:
-        cell = nb.cells[run.stop_cell]
-        notebook_rows.append(row(NOTEBOOK, run.stop_cell + 1, TIMED_OUT, f"ran past its {timeout:g} s limit in cell "
-                                 f"{run.stop_cell + 1} ({_first_line(cell)}); the cells after it did not run"))
-    elif run.stopped == CRASHED:
-        cell = nb.cells[run.stop_cell]
-        notebook_rows.append(row(NOTEBOOK, run.stop_cell + 1, CRASHED, f"the kernel died in cell {run.stop_cell + 1} "
-                                 f"({_first_line(cell)}): out of memory, or the code ended the process"))
-    exercise_cells = {s for s, h in aligned.items() if h in set(course.exercise_cells(handout))}
-    for index, cell in enumerate(nb.cells):
-        error = _error(cell) if cell.cell_type == "code" else None
-        if error and index not in exercise_cells and index not in check_cells:
-            notebook_rows.append(row(NOTEBOOK, index + 1, CRASHED, f"cell {index + 1} ({_first_line(cell)}) raised "
-                                                                   f"{error}"))
-    if run.probe_error:
-        notebook_rows.append(row(NOTEBOOK, None, ERROR, f"could not check the library after the run "
-                                                        f"({run.probe_error})"))
-    if run.changes:
-        shown = ", ".join(run.changes[:5]) + (f" and {len(run.changes) - 5} more" if len(run.changes) > 5 else "")
-        notebook_rows.append(row(NOTEBOOK, None, TAMPERED, f"the library was changed at run time: {shown}; its "
-                                                           "passes are not trusted"))
-
+    exercises = set(course.exercise_cells(handout))
+    mine = [course.cell_hash(c) for c in submitted.cells]
+    aligned = _align(mine, [course.cell_hash(c) for c in handout.cells])
+    head += [row(NOTEBOOK, cell, result, message) for cell, result, message in
+             _problems(run, nb, timeout, {s for s, h in aligned.items() if h in exercises}, set(found.values()))]
+    rows = []
     for spec in specs:
         if spec.index in missing:
-            result, message, edited = missing[spec.index]
-            rows.append(row(spec.exercise, None if edited is None else edited + 1, result, message))
-            continue
-        index = found[spec.index]
-        cell = nb.cells[index]
-        if run.stopped and index >= run.stop_cell:
-            stopped = f"not run: the notebook stopped in cell {run.stop_cell + 1}"
-            rows.append(row(spec.exercise, index + 1, NOT_RUN, stopped))
-            continue
-        rows.append(_check_row(row, spec, index, cell, run.probes.get(index), expected_check, nb, to_submitted))
+            result, message, cell = missing[spec.index]
+            rows.append(row(spec.exercise, None if cell is None else cell + 1, result, message))
+        elif run.stopped and found[spec.index] >= run.stop_cell:
+            index = found[spec.index]
+            rows.append(row(spec.exercise, index + 1, NOT_RUN, f"not run: the notebook stopped in cell "
+                                                              f"{run.stop_cell + 1}"))
+        else:
+            index = found[spec.index]
+            exercise = {h: s for s, h in aligned.items()}.get(spec.exercise_index)
+            result, message = _check_result(nb.cells[index], run.probes.get(index), imported[:1],
+                                            None if exercise is None else nb.cells[exercise], exercise)
+            rows.append(row(spec.exercise, index + 1, result, message))
     if run.changes:
         for r in rows:
             if r.result == PASS:
                 r.result, r.message = TAMPERED, f"not trusted (the library was changed at run time): {r.message}"
-    return notebook_rows + rows
+    return head + rows
+
+
+def _problems(run: Run, nb, timeout: float, exercise_cells: set[int], check_cells: set[int]) -> list[tuple]:
+    """(cell number or None, result, message) for what went wrong with the run as a whole."""
+    problems = []
+    if run.stopped:
+        n, where = run.stop_cell + 1, _first_line(nb.cells[run.stop_cell])
+        problems.append((n, TIMED_OUT, f"ran past its {timeout:g} s limit in cell {n} ({where}); the cells after it "
+                                       "did not run") if run.stopped == TIMED_OUT else
+                        (n, CRASHED, f"the kernel died in cell {n} ({where}): out of memory, or the code ended the "
+                                     "process"))  # fmt: skip
+    for index, cell in enumerate(nb.cells):
+        error = _error(cell) if cell.cell_type == "code" else None
+        if error and index not in exercise_cells and index not in check_cells:
+            problems.append((index + 1, CRASHED, f"cell {index + 1} ({_first_line(cell)}) raised {error}"))
+    if run.probe_error:
+        problems.append((None, ERROR, f"could not check the library after the run ({run.probe_error})"))
+    if run.changes:
+        more = f" and {len(run.changes) - 5} more" if len(run.changes) > 5 else ""
+        problems.append((None, TAMPERED, f"the library was changed at run time: {', '.join(run.changes[:5])}{more}; "
+                                         "its passes are not trusted"))
+    return problems
 
 
 def _checks_imported(source: str) -> list[str]:
@@ -606,29 +621,27 @@ def _checks_imported(source: str) -> list[str]:
             for a in n.names if a.asname == "check"]  # fmt: skip
 
 
-def _check_row(row, spec, index, cell, probe, expected_check, nb, to_submitted) -> Row:
-    """The row of one check cell that ran: its line, cross-checked with what the check really returned."""
+def _check_result(cell, probe, expected: list[str], exercise_cell, exercise: int | None) -> tuple[str, str]:
+    """(result, message) of a check cell that ran: its line, cross-checked with what the check really returned."""
     line, error = _text(cell), _error(cell)
     if error:
         message = f"the check cell raised {error}"
-        exercise = to_submitted.get(spec.exercise_index) if spec.exercise_index is not None else None
-        if exercise is not None and _error(nb.cells[exercise]):
-            message += f" (the exercise cell {exercise + 1} raised {_error(nb.cells[exercise])})"
-        return row(spec.exercise, index + 1, ERROR, message)
+        if exercise_cell is not None and _error(exercise_cell):
+            message += f" (the exercise cell {exercise + 1} raised {_error(exercise_cell)})"
+        return ERROR, message
     if not isinstance(probe, dict):
-        return row(spec.exercise, index + 1, ERROR, f"{line} (could not confirm it in the kernel: {probe})")
-    if not probe["genuine"] or (expected_check and probe["check"] != expected_check):
-        return row(spec.exercise, index + 1, TAMPERED, f"`check` is {probe['check']} here, not the module "
-                                                       f"{expected_check}: not graded")
+        return ERROR, f"{line} (could not confirm it in the kernel: {probe})"
+    module = expected[0] if expected else "gpt2lab.checks.*"
+    if not probe["genuine"] or not probe["check"].startswith("gpt2lab.checks.") or \
+            (expected and probe["check"] != module):  # fmt: skip
+        return TAMPERED, f"`check` is {probe['check']} here, not the module {module}: not graded"
     if probe["result"] is None:
-        return row(spec.exercise, index + 1, TAMPERED, f"the check cell returned a {probe['type']}, not a check "
-                                                       f"result (it shows {line[:80]!r}): not graded")
+        return TAMPERED, f"the check cell returned a {probe['type']}, not a check result (it shows {line[:80]!r})"
     passed, name, message = probe["result"]
     real = f"{'✓' if passed else '✗'} {name}: {message}"
     if line != real:
-        return row(spec.exercise, index + 1, TAMPERED, f"the cell shows {line[:80]!r} but its check returned "
-                                                       f"{real[:80]!r}")
-    return row(spec.exercise, index + 1, _verdict(real), real)
+        return TAMPERED, f"the cell shows {line[:80]!r} but its check returned {real[:80]!r}"
+    return _verdict(real), real
 
 
 # ------------------------------------------------------------------------------------------ reports
