@@ -12,7 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from .core import _close, check, compare, compare_with_hints, earlier_stubs, expect, known_mistake, untouched
+from .core import (
+    _close,
+    _last_user_frame,
+    check,
+    compare,
+    compare_with_hints,
+    earlier_stubs,
+    expect,
+    known_mistake,
+    untouched,
+)
 
 DT = torch.float64
 
@@ -55,7 +65,13 @@ def update_factors(fn):
         G = _randn(m, n, seed=10 + seed) + 0.5 * torch.arange(n, dtype=DT)  # non-symmetric even when square
         L, R = _spd(m, 20 + seed), _spd(n, 30 + seed)
         with _untouched("L = beta * L + ...", L=L, R=R, G=G):
-            got_L, got_R = _pair(fn(L, R, G, beta), "L, R")
+            try:
+                result = fn(L, R, G, beta)
+            except RuntimeError as err:  # shapes that do not fit: almost always a transposed product
+                expect("size of tensor" not in str(err), f"your code raised RuntimeError: {err}"
+                       f"{_last_user_frame(err)}; with a {m}×{n} G, L is {m}×{m} (G @ G.T) and R is {n}×{n} (G.T @ G)")
+                raise
+            got_L, got_R = _pair(result, "L, R")
         ggt, gtg = G @ G.T, G.T @ G
         L_new, R_new = beta * L + (1 - beta) * ggt, beta * R + (1 - beta) * gtg
         label = f"{m}×{n} gradient, beta {beta}"
@@ -234,11 +250,13 @@ def _soap_update_check(fn):
             got = fn(p, G, M, V, QL, QR, t, **hyper)
         expect(isinstance(got, tuple | list) and len(got) == 3, "return the triple (p, M, V)")
         expected = _soap_update(p, G, M, V, QL, QR, t, **hyper)
-        expect(bool(torch.isfinite(torch.as_tensor(got[0])).all()), f"p is NaN or inf ({label}): t counts from 1")
         known_mistake(got[0], expected[0], 1e-9, [
             (f"{message} ({label})",
              lambda bug=bug, now=(p, G, M, V, QL, QR, t): _soap_update(*now, **hyper, bug=bug)[0])
             for bug, message in UPDATE_HINTS.items()])
+        expect(bool(torch.isfinite(torch.as_tensor(got[0])).all()),
+               f"p is NaN or inf ({label}): a square root of a negative number, or a division by 1 − β^0 = 0 (t counts "
+               "from 1)")
         known_mistake(got[1], expected[1], 1e-9, [
             (f"{UPDATE_HINTS['m_unrotated']} ({label})", _soap_update(p, G, M, V, QL, QR, t, **hyper,
                                                                        bug="m_unrotated")[1])])
@@ -422,7 +440,11 @@ def _soap_optimizer(cls):
     for call, gs in enumerate(grads, start=1):
         for p, g in zip(params, gs):
             p.grad = g.clone()
-        optimizer.step()
+        try:
+            optimizer.step()
+        except ZeroDivisionError as err:
+            expect(False, f"your code raised ZeroDivisionError: {err}{_last_user_frame(err)} at call {call}: count the "
+                          "step (state['t'] += 1) before soap_update, so that t = 1 at the first step that moves p")
         if call == 1:
             for p, s, name in zip(params, start, names):
                 expect(torch.equal(p.detach(), s), f"{name} moved at the first step(): {CLASS_HINTS['moves_first']}")
