@@ -351,7 +351,9 @@ def test_adapter_file_round_trip_into_a_plain_base_and_into_a_wrapped_one(tmp_pa
     assert (meta["rank"], meta["alpha"], meta["targets"], meta["dropout"]) == (4, 8.0, ["q", "v", "attn_out"], 0.1)
     assert path.stat().st_size < 0.2 * sum(p.numel() * 4 for p in model.parameters())  # adapters only
     plain = tiny().eval()  # the same base, no adapters: load_lora adds them
+    rng = torch.get_rng_state()
     lora.load_lora_file(plain, path)
+    assert torch.equal(torch.get_rng_state(), rng)  # loading does not shift the global RNG
     wrapped = add_lora(tiny(), 4, alpha=8, targets="q,v,attn_out").eval()  # fresh random A: overwritten
     lora.load_lora(wrapped, state)
     merged = merge(randomize(add_lora(tiny(), 4, alpha=8, targets="q,v,attn_out"), seed=11)).eval()

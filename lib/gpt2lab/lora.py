@@ -355,8 +355,10 @@ def load_lora(model: nn.Module, state: dict) -> nn.Module:
                 raise LoRAError(f"adapter {key} {meta[key]!r} does not match this model's LoRA {key} "
                                 f"{mine[key]!r}; load them into a plain base model (or add_lora with "
                                 f"{key}={meta[key]!r})")  # fmt: skip
-    else:
-        add_lora(model, meta["rank"], meta["alpha"], meta["targets"], meta["dropout"], meta["rslora"])
+    else:  # the random A drawn here is overwritten below: keep the global RNG where it was (a seed fixes a run)
+        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):
+            add_lora(model, meta["rank"], meta["alpha"], meta["targets"], meta["dropout"], meta["rslora"])
     params = dict(model.named_parameters())
     tensors = {k: v for k, v in state.items() if k != META_KEY}
     expected = {n for n in params if _is_factor(n)}
