@@ -41,6 +41,10 @@ a denominator guard there), and nothing is projected. The default (compat=False)
 normalised, the step taken, and the result clipped to the eps-ball, so ||nu||_inf <= eps always. The same eps
 number therefore means a radius in the paper mode and a guard in compat mode.
 
+Scale. The defaults are the paper's (eps = noise_var = 1e-5, step_size = 1e-3, K = 1), chosen for BERT-sized
+embeddings. GPT-2's token embeddings have entries of order 0.1, so a radius of 1e-5 moves the outputs very little
+and the term is tiny: choose eps relative to that scale (notebook 06, smart, looks at the term against eps).
+
 Dropout: every forward runs in the model's current mode (train mode while training), as MT-DNN does, so l_s also
 measures dropout noise; in eval mode (or without dropout) a zero perturbation gives exactly 0.
 
@@ -150,7 +154,7 @@ def perturb(fn: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, cl
     keep = torch.ones_like(base[..., :1]) if input_mask is None else input_mask[..., None].to(base.dtype)  # (B,T,1)
     delta = torch.randn_like(base) * noise_var * keep  # (B, T, C): nu_0, noise_var used as a std (as smart-pytorch)
     if not compat:
-        delta = project(delta, eps)  # start inside the ball (the noise is ~eps, so this rarely clips)
+        delta = project(delta, eps)  # start inside the ball (with noise_var = eps about a third of the entries clip)
     with torch.enable_grad():  # the search needs gradients even when the caller runs without them
         for _ in range(steps):
             delta.requires_grad_(True)
