@@ -9,7 +9,8 @@
 Who the student is: a folder of notebooks is one student, named after the folder (`grade submissions/alice`); a
 folder of such folders is one student per folder (`grade submissions/` with submissions/alice/03_adamw.ipynb gives
 "alice"); a single notebook belongs to the folder it is in. A notebook is graded against the handout of the same
-name generated from solutions/ (`course.student_version`); a renamed one against the handout sharing most cells.
+name generated from solutions/ (`course.student_version`); a renamed one against the handout sharing most cells; one
+matching none is reported, except a student's own (Untitled.ipynb, a -Copy1), which is noted and left alone.
 
 How: each notebook is executed with nbclient from its own folder, in quick mode (GPT2LAB_QUICK=1, MPLBACKEND=Agg,
 GPT2LAB_RESULTS in a temporary folder), on a copy in memory: the submitted file is only read, never written. Every
@@ -19,7 +20,7 @@ the library copy, e.g. `padded_batch`; the heading when the exercise defines not
 ✓/✗ line). Results: pass, fail, not implemented, error (the check cell raised, e.g. NameError when the exercise
 cell did not run), not run (the notebook stopped before it), tampered, outdated.
 
-Reported, never silently passed (a "(notebook)" row, and a non-zero exit status):
+Reported, never silently passed (a "(notebook)" row, or the check's own row; the exit status is then non-zero):
 - crashed: a cell other than an exercise or its check raised, or the kernel died;
 - timed out: the notebook ran past its time limit (the cells after it are "not run");
 - tampered: a check cell removed or edited (its hash differs from the handout's: the record kept in the notebook's
@@ -28,7 +29,8 @@ Reported, never silently passed (a "(notebook)" row, and a non-zero exit status)
   a library object changed at run time (`check.causal_mask = ...`, `gpt2lab.checks.core.ok = ...`,
   `torch.allclose = ...`): after the last cell, every function, class and constant of the imported gpt2lab modules
   (and of torch, torch.nn.functional, torch.Tensor, math and builtins) is fingerprinted inside the kernel (code,
-  defaults, closures) and compared with a fresh import in a separate process. Passes are then not trusted.
+  defaults, closures; past the wrappers torch itself adds at run time) and compared with a fresh import in a
+  separate process. Passes are then not trusted.
 - outdated: the notebook was handed out before solutions/ changed a check (`make student` updates it, keeping the
   answers).
 This catches a student patching the checks by accident or on purpose from notebook code; it is no sandbox (code that
@@ -234,12 +236,12 @@ def library_fingerprints(names, fresh=True):
     import types
 
     scalars = (type(None), bool, int, float, complex, str, bytes)
-    torch_dir = getattr(sys.modules.get("torch"), "__file__", None)
-    torch_dir = torch_dir.rsplit("/", 1)[0] if isinstance(torch_dir, str) else None
 
     def unwrapped(fn):
-        """Past the wrappers torch puts on functions at run time (an optimizer's step profiling hook, dynamo's
-        disable on torch.manual_seed): a student's function inside one is still theirs."""
+        """Past the wrappers torch puts on functions (an optimizer's step profiling hook and dynamo's disable on
+        torch.manual_seed are added at run time): a student's function inside one is still theirs."""
+        torch_file = getattr(sys.modules.get("torch"), "__file__", None)
+        torch_dir = torch_file.rsplit("/", 1)[0] + "/" if isinstance(torch_file, str) else None
         while isinstance(getattr(fn, "__wrapped__", None), types.FunctionType) and torch_dir and \
                 fn.__code__.co_filename.startswith(torch_dir):  # fmt: skip
             fn = fn.__wrapped__
@@ -343,7 +345,7 @@ def _in_kernel(client, function, *args) -> object:
     """Call `function` (shipped as source) with `args` (Python expressions) inside the kernel, silently (no history,
     no output, nothing left in the student's namespace); return its result, through JSON. RuntimeError when it
     cannot."""
-    source = inspect.getsource(function)
+    source = _PROBES[function.__name__]
     expression = (f"(lambda ns: (exec({source!r}, ns), __import__('json').dumps(ns[{function.__name__!r}]"
                   f"({', '.join(args)})))[1])({{}})")
     msg_id = client.kc.execute("", silent=True, store_history=False, user_expressions={"r": expression})
@@ -360,7 +362,7 @@ _FRESH: dict[tuple, dict] = {}  # fresh fingerprints by (python, names): one imp
 def fresh_fingerprints(names: list[str], python: str, env: dict, cwd: Path) -> dict:
     key = (python, tuple(names))
     if key not in _FRESH:
-        code = (inspect.getsource(library_fingerprints) + "\nimport json, sys\n"
+        code = (_PROBES["library_fingerprints"] + "\nimport json, sys\n"
                 "print(json.dumps(library_fingerprints(json.loads(sys.argv[1]))))")
         done = subprocess.run([python, "-c", code, json.dumps(names)], capture_output=True, text=True, env=env,
                               cwd=cwd, timeout=300)
@@ -469,6 +471,10 @@ def _python():
     import sys
 
     return sys.executable
+
+
+# read once, at import: a file edited while grading runs must not ship other code than what runs here
+_PROBES = {fn.__name__: inspect.getsource(fn) for fn in (library_fingerprints, check_probe, _loaded_gpt2lab, _python)}
 
 
 # ------------------------------------------------------------------------------------------ grading one notebook
