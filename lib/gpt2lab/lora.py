@@ -9,6 +9,7 @@ Built in notebook 05 (lora). Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large
     §4 adapter files    lora_state_dict / load_lora, save_lora / load_lora_file: only the factors, fingerprinted
     §5 lora_pairs       every (A, B) pair with its scale, module and output columns (for pair optimizers)
     §6 parameter_report trainable vs total parameters
+    helpers             lora_modules (the wrappers), lora_settings, base_fingerprint, parse_targets, check_settings
 
     model = add_lora(model, rank=8, alpha=16, targets="q,v", dropout=0.05)   # in place; returns the model
     save_lora(model, "adapters.pt"); load_lora_file(fresh_base, "adapters.pt")   # same outputs
@@ -19,8 +20,8 @@ The layer (notation: W0 is (m, n) = (out, in) as in nn.Linear; A is (r, n), B is
   code (microsoft/LoRA's loralib and peft), so B @ A = 0 and a fresh adapter leaves the model's output unchanged
   bit for bit: training starts from the pretrained function. (The paper's text says "random Gaussian A"; the
   code, which we follow, uses kaiming-uniform.)
-* The scale is s = alpha / r (alpha / sqrt(r) with rslora=True), so changing r at fixed alpha does not change the
-  size of the initial updates much; alpha defaults to r (s = 1).
+* The scale is s = alpha / r, so that a change of r needs little retuning of the learning rate (Hu et al. §4.1);
+  rslora=True uses alpha / sqrt(r), which keeps the updates' size stable as r grows. alpha defaults to r (s = 1).
 * Dropout acts on the adapter's input only (the base path sees x unchanged); `lora_dropout` is called exactly once
   per forward, so a forward hook on it sees the adapter input x~ (optimizers that need x~ hook it there).
 * One layer can hold several pairs, each writing its own column block of the output (`slices`). This is how
@@ -36,8 +37,9 @@ projection, to the third of its output. Models with other names can be adapted b
 
 Merge keeps a copy. `merge` saves each wrapped layer's original weight (a non-persistent buffer: moved by `.to()`,
 never in a state_dict) before adding s*B@A, and `unmerge` puts that copy back: the original weights return bit
-for bit. Subtracting s*B@A again would leave rounding errors of about 1e-8 in float32 (and far worse in bf16);
-the price of exactness is one extra copy of the adapted weights while merged.
+for bit. Subtracting s*B@A again would leave rounding errors (a unit in the last place here and there in float32,
+far more in bf16); the price of exactness is one extra copy of the adapted weights while merged. While merged, the
+model's own state_dict holds the merged weights: save adapters with `save_lora`, which stores the factors alone.
 """
 
 from __future__ import annotations
