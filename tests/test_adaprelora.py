@@ -654,3 +654,13 @@ def test_factory_form_in_the_loop():
 
     record = train(model, ToyTask(), make, toy_config(None, lr=1e-3, max_steps=3, evaluate=False))
     assert record["status"] == "completed" and record["optimizer"]["groups"][0]["mode"] == "sgd"
+
+
+def test_bench_smoke(capsys):
+    """python -m gpt2lab.bench lora_optim --tiny runs and reports the extra state as 4 bytes per m + n."""
+    from gpt2lab.bench import lora_optim
+
+    assert lora_optim.main(["--tiny", "--repeats", "1", "--settings", "adamw,adaprelora"]) == 0
+    out = capsys.readouterr().out
+    assert "adaprelora" in out and "AdaPreLoRA's extra state: 2,048 bytes; 4 bytes x the sum of m + n over its " \
+                                  "pairs = 2,048" in out, out

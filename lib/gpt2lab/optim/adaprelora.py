@@ -93,7 +93,7 @@ def preconditioner(row_sq: Tensor, col_sq: Tensor, step: int = 0, beta2: float =
     if bias_correction and step > 0:
         correction = 1 - beta2**step
         row_sq, col_sq = row_sq / correction, col_sq / correction
-    p = (row_sq / row_sq.sum()).sqrt()  # (m,)
+    p = (row_sq / row_sq.sum(dim=-1, keepdim=True)).sqrt()  # (m,) (or (P, m) for P pairs at once)
     q = col_sq.sqrt()  # (n,)
     return p, q
 
@@ -101,9 +101,9 @@ def preconditioner(row_sq: Tensor, col_sq: Tensor, step: int = 0, beta2: float =
 def damped(M: Tensor, delta_rel: float = 1e-6, delta_abs: float = 1e-12) -> Tensor:
     """M + λI with λ = δ_rel·tr(M)/r + δ_abs (INFERRED knob, not from the paper): a singular M_B (B = 0 at init)
     becomes solvable, and the solve then gives the exact answer there (ΔA = 0, see `factor_update`)."""
-    r = M.shape[0]
-    lam = delta_rel * torch.diagonal(M).sum() / r + delta_abs
-    return M + lam * torch.eye(r, dtype=M.dtype, device=M.device)  # (r, r)
+    r = M.shape[-1]
+    lam = delta_rel * torch.diagonal(M, dim1=-2, dim2=-1).sum(-1) / r + delta_abs  # one λ per matrix of a batch
+    return M + lam[..., None, None] * torch.eye(r, dtype=M.dtype, device=M.device)  # (..., r, r)
 
 
 def factor_update(A: Tensor, B: Tensor, G_A: Tensor, G_B: Tensor, p: Tensor, q: Tensor, *, scale: float = 1.0,
@@ -117,24 +117,31 @@ def factor_update(A: Tensor, B: Tensor, G_A: Tensor, G_B: Tensor, p: Tensor, q: 
     B ΔA + ΔB A = T*/s and the W-change s·(B ΔA + ΔB A) is T* for every s. p (m,), q (n,) the diagonals of the
     Adafactor preconditioner (`preconditioner`). C (r, r) defaults to G_A Aᵀ (= Bᵀ G_B); the momentum variant passes
     its own. The r×r matrices are damped (`damped`; delta_rel = delta_abs = 0 for the undamped formula). Computed
-    in float32 or wider, and returned in that dtype.
+    in float32 or wider, and returned in that dtype. Leading batch dimensions (P pairs of one shape) are allowed.
     """
-    r, n = A.shape
-    m = B.shape[0]
-    assert B.shape == (m, r) and G_A.shape == (r, n) and G_B.shape == (m, r), \
+    *batch, r, n = A.shape
+    m = B.shape[-2]
+    assert B.shape[-2:] == (m, r) and G_A.shape[-2:] == (r, n) and G_B.shape[-2:] == (m, r), \
         f"shapes A {tuple(A.shape)}, B {tuple(B.shape)}, G_A {tuple(G_A.shape)}, G_B {tuple(G_B.shape)}"
-    assert p.shape == (m,) and q.shape == (n,), f"p must be ({m},) and q ({n},), got {tuple(p.shape)}, {tuple(q.shape)}"
+    assert p.shape[-1] == m and q.shape[-1] == n, f"p must be ({m},), q ({n},); got {tuple(p.shape)}, {tuple(q.shape)}"
     dtype = torch.promote_types(A.dtype, torch.float32)  # the solves in float32 even under bf16 (or fp64 if given)
     A, B, G_A, G_B, p, q = (t.to(dtype) for t in (A, B, G_A, G_B, p, q))
-    C = G_A @ A.T if C is None else C.to(dtype)  # (r, r) = Bᵀ G Aᵀ (times s)
-    M_B = damped(B.T @ (p[:, None] * B), delta_rel, delta_abs)  # (r, r) Bᵀ P B + λI
-    M_A = damped((A * q) @ A.T, delta_rel, delta_abs)  # (r, r) A Q Aᵀ + λI
-    K = torch.linalg.solve(M_A, torch.linalg.solve(M_B, C).T).T  # (r, r) M_B⁻¹ C M_A⁻¹ (M_A is symmetric)
-    dA = torch.linalg.solve(M_B, G_A / q) - 0.5 * K @ A  # (r, n)  ΠB part minus half the overlap
-    dB = torch.linalg.solve(M_A, G_B.T).T / p[:, None] - 0.5 * B @ K  # (m, r)  ΠA part minus the other half
+    p, q = p[..., :, None], q[..., None, :]  # (m, 1) divides rows, (1, n) divides columns
+    C = G_A @ A.mT if C is None else C.to(dtype)  # (r, r) = Bᵀ G Aᵀ (times s)
+    M_B = damped(B.mT @ (p * B), delta_rel, delta_abs)  # (r, r) Bᵀ P B + λI
+    M_A = damped((A * q) @ A.mT, delta_rel, delta_abs)  # (r, r) A Q Aᵀ + λI
+    K = _solve(M_A, _solve(M_B, C).mT).mT  # (r, r) M_B⁻¹ C M_A⁻¹ (M_A is symmetric)
+    dA = _solve(M_B, G_A / q) - 0.5 * K @ A  # (r, n)  ΠB part minus half the overlap
+    dB = _solve(M_A, G_B.mT).mT / p - 0.5 * B @ K  # (m, r)  ΠA part minus the other half
     if scale_invariant and scale != 1.0:
         dA, dB = dA / scale**2, dB / scale**2  # INFERRED: without it the effective lr grows as s²
     return dA, dB
+
+
+def _solve(M: Tensor, rhs: Tensor) -> Tensor:
+    """M⁻¹ rhs for (batches of) r×r matrices, without torch.linalg.solve's singularity check, which waits for the GPU
+    (a singular undamped M gives inf or nan instead of an error)."""
+    return torch.linalg.solve_ex(M, rhs)[0]
 
 
 def tangent_change(A: Tensor, B: Tensor, dA: Tensor, dB: Tensor) -> Tensor:
@@ -376,8 +383,8 @@ class AdaPreLoRA(torch.optim.Optimizer):
         return loss
 
     def _step_pairs(self, group: dict) -> None:
-        beta1, beta2 = group["betas"]
-        params = group["params"]
+        """Check every pair with gradients, then step the pairs in batches of one shape (few kernel launches)."""
+        params, batches = group["params"], {}
         for i in range(len(params) // 2):
             A, B, s = params[2 * i], params[2 * i + 1], group["scales"][i]
             if A.grad is None and B.grad is None:
@@ -388,63 +395,75 @@ class AdaPreLoRA(torch.optim.Optimizer):
                 raise LoRAOptimizerError(f"{name} has gradients but AdaPreLoRA saw no backward pass through its "
                                          "module: build the optimizer before the forward pass, and unmerge the "
                                          "adapters")
-            row, col, gat, passes = gathered
-            if passes > 1:
-                raise LoRAOptimizerError(f"{name}: {passes} backward passes since the last step; AdaPreLoRA's "
+            if gathered[3] > 1:
+                raise LoRAOptimizerError(f"{name}: {gathered[3]} backward passes since the last step; AdaPreLoRA's "
                                          "statistics need the gradient of the whole step: call step() after each "
                                          "backward (no gradient accumulation)")
-            gA = torch.zeros_like(A) if A.grad is None else A.grad
-            gB = torch.zeros_like(B) if B.grad is None else B.grad
-            dtype = torch.promote_types(A.dtype, torch.float32)
-            gA, gB = gA.to(dtype), gB.to(dtype)  # (r, n), (m, r)
-            stA, stB = self.state[A], self.state[B]
-            if not stA:
-                stA["step"] = torch.tensor(0.0)
-                stA["col_sq"] = torch.zeros(A.shape[1], dtype=dtype, device=A.device)  # (n,) c
-                stB["step"] = torch.tensor(0.0)
-                stB["row_sq"] = torch.zeros(B.shape[0], dtype=dtype, device=B.device)  # (m,) ℓ
+            t = int(self.state[A]["step"].item()) + 1 if self.state[A] else 1
+            key = (tuple(A.shape), tuple(B.shape), A.dtype, A.device, s, t)
+            batches.setdefault(key, []).append((A, B, gathered))
+        for (_, _, _, _, s, t), batch in batches.items():
+            self._step_batch(group, batch, s, t)
+
+    def _step_batch(self, group: dict, batch: list, s: float, t: int) -> None:
+        """One step for P pairs of the same shapes: the r×r algebra on stacked (P, ...) tensors."""
+        beta1, beta2 = group["betas"]
+        As, Bs = [a for a, _, _ in batch], [b for _, b, _ in batch]
+        dtype = torch.promote_types(As[0].dtype, torch.float32)
+        stA, stB = [self.state[a] for a in As], [self.state[b] for b in Bs]
+        for st, param, stat in [*zip(stA, As, ("col_sq",) * len(As)), *zip(stB, Bs, ("row_sq",) * len(Bs))]:
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                size = param.shape[1] if stat == "col_sq" else param.shape[0]
+                st[stat] = torch.zeros(size, dtype=dtype, device=param.device)  # c (n,) with A, ℓ (m,) with B
                 if group["mode"] != "sgd":
-                    for st, t in ((stA, A), (stB, B)):
-                        st["exp_avg"] = torch.zeros_like(t, dtype=dtype)
-                        if group["mode"] == "scaled_adamw":
-                            st["exp_avg_sq"] = torch.zeros_like(t, dtype=dtype)
-            stA["step"] += 1
-            stB["step"] += 1
-            t = int(stA["step"].item())
+                    st["exp_avg"] = torch.zeros_like(param, dtype=dtype)
+                if group["mode"] == "scaled_adamw":
+                    st["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype)
+        torch._foreach_add_([st["step"] for st in stA + stB], 1.0)
+        A = torch.stack([a.detach() for a in As]).to(dtype)  # (P, r, n)
+        B = torch.stack([b.detach() for b in Bs]).to(dtype)  # (P, m, r)
+        gA = torch.stack([a.grad if a.grad is not None else torch.zeros_like(a) for a in As]).to(dtype)  # (P, r, n)
+        gB = torch.stack([b.grad if b.grad is not None else torch.zeros_like(b) for b in Bs]).to(dtype)  # (P, m, r)
+        row = torch.stack([g[0] for _, _, g in batch]).to(dtype)  # (P, m) rowsum(G∘G) of this step
+        col = torch.stack([g[1] for _, _, g in batch]).to(dtype)  # (P, n)
+        gat = torch.stack([g[2] for _, _, g in batch]).to(dtype)  # (P, m, r) G Aᵀ
+        n, m = A.shape[-1], B.shape[-2]
 
-            # 1. statistics of the gradient this step uses (ρ: clipping / loss scaling, see the class docstring)
-            sgat = s * gat.to(dtype)  # (m, r) what ∇B would be without clipping or loss scaling
-            norm2 = (sgat * sgat).sum()
-            rho2 = torch.where(norm2 > 0, ((gB * sgat).sum() / norm2.clamp_min(1e-300)) ** 2, 1.0)  # no GPU sync
-            n, m = A.shape[1], B.shape[0]
-            eps1 = group["eps1"]
-            stB["row_sq"].mul_(beta2).add_(rho2 * row.to(dtype) + n * eps1, alpha=1 - beta2)  # ℓ (m,)
-            stA["col_sq"].mul_(beta2).add_(rho2 * col.to(dtype) + m * eps1, alpha=1 - beta2)  # c (n,)
-            p, q = preconditioner(stB["row_sq"], stA["col_sq"], t, beta2, group["bias_correction"])
+        # 1. statistics of the gradient this step uses (ρ: clipping / loss scaling, see the class docstring)
+        sgat = s * gat  # (P, m, r) what ∇B would be without clipping or loss scaling
+        norm2 = (sgat * sgat).sum((-2, -1))  # (P,)
+        rho2 = torch.where(norm2 > 0, ((gB * sgat).sum((-2, -1)) / norm2.clamp_min(1e-30)) ** 2, 1.0)  # no GPU sync
+        rows, cols = [st["row_sq"] for st in stB], [st["col_sq"] for st in stA]
+        torch._foreach_mul_(rows, beta2)  # ℓ ← β₂ℓ + (1 − β₂)(ρ² rowsum + n ε₁), c likewise
+        torch._foreach_add_(rows, list((rho2[:, None] * row + n * group["eps1"]).unbind(0)), alpha=1 - beta2)
+        torch._foreach_mul_(cols, beta2)
+        torch._foreach_add_(cols, list((rho2[:, None] * col + m * group["eps1"]).unbind(0)), alpha=1 - beta2)
+        p, q = preconditioner(torch.stack(rows), torch.stack(cols), t, beta2, group["bias_correction"])  # (P,m) (P,n)
 
-            # 2. the direction
-            kw = dict(scale=s, delta_rel=group["delta_rel"], delta_abs=group["delta_abs"],
-                      scale_invariant=group["scale_invariant"])
-            Af, Bf = A.detach().to(dtype), B.detach().to(dtype)
-            if group["mode"] == "factor_momentum":
-                # INFERRED (Algorithm 2 reconstructed): momentum in factor space, H from the raw gradients
-                stA["exp_avg"].lerp_(gA, 1 - beta1)
-                stB["exp_avg"].lerp_(gB, 1 - beta1)
-                mA, mB = stA["exp_avg"] / (1 - beta1**t), stB["exp_avg"] / (1 - beta1**t)  # bias-corrected
-                C = 0.5 * (mA @ Af.T + Bf.T @ mB)  # (r, r) INFERRED: the mean of the two estimates
-                dA, dB = factor_update(Af, Bf, mA, mB, p, q, C=C, **kw)
-            else:
-                dA, dB = factor_update(Af, Bf, gA, gB, p, q, **kw)
-                if group["mode"] == "scaled_adamw":  # INFERRED alternative: AdamW moments of (ΔA, ΔB)
-                    dA, dB = (_adam_direction(st, d, beta1, beta2, group["eps"], t)
-                              for st, d in ((stA, dA), (stB, dB)))  # fmt: skip
+        # 2. the direction
+        kw = dict(scale=s, delta_rel=group["delta_rel"], delta_abs=group["delta_abs"],
+                  scale_invariant=group["scale_invariant"])
+        if group["mode"] == "factor_momentum":
+            # INFERRED (Algorithm 2 reconstructed): momentum in factor space, H from the raw gradients
+            moments = [st["exp_avg"] for st in stA + stB]
+            torch._foreach_lerp_(moments, [*gA.unbind(0), *gB.unbind(0)], 1 - beta1)
+            mA = torch.stack(moments[: len(As)]) / (1 - beta1**t)  # (P, r, n) bias-corrected
+            mB = torch.stack(moments[len(As) :]) / (1 - beta1**t)  # (P, m, r)
+            C = 0.5 * (mA @ A.mT + B.mT @ mB)  # (P, r, r) INFERRED: the mean of the two estimates
+            dA, dB = factor_update(A, B, mA, mB, p, q, C=C, **kw)
+            directions = [*dA.unbind(0), *dB.unbind(0)]
+        else:
+            dA, dB = factor_update(A, B, gA, gB, p, q, **kw)
+            directions = [*dA.unbind(0), *dB.unbind(0)]
+            if group["mode"] == "scaled_adamw":  # INFERRED alternative: AdamW's moments of (ΔA, ΔB)
+                directions = _adam_directions([*stA, *stB], directions, beta1, beta2, group["eps"], t)
 
-            # 3. decoupled decay, then the step, both from the pre-step factors
-            lr, wd = group["lr"], group["weight_decay"]
-            for param, d in ((A, dA), (B, dB)):
-                if wd != 0:
-                    param.mul_(1 - lr * wd)  # INFERRED form: AdamW's decoupled decay
-                param.sub_(d.to(param.dtype), alpha=lr)
+        # 3. decoupled decay, then the step, both from the pre-step factors
+        lr, wd, params = group["lr"], group["weight_decay"], [*As, *Bs]
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)  # INFERRED form: AdamW's decoupled decay
+        torch._foreach_add_(params, [d.to(param.dtype) for d, param in zip(directions, params)], alpha=-lr)
 
     def _step_adamw(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -466,12 +485,18 @@ class AdaPreLoRA(torch.optim.Optimizer):
                       eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=False)
 
 
-def _adam_direction(state: dict, d: Tensor, beta1: float, beta2: float, eps: float, t: int) -> Tensor:
-    """m̂ / (√v̂ + ε) of the moments of d, updated in `state` (AdamW's arithmetic without the lr)."""
-    state["exp_avg"].lerp_(d, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
-    denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
-    return state["exp_avg"] / (1 - beta1**t) / denom
+def _adam_directions(states: list, directions: list, beta1: float, beta2: float, eps: float, t: int) -> list:
+    """m̂ / (√v̂ + ε) of the moments of each direction, updated in its `state` (AdamW's arithmetic without the lr)."""
+    m, v = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+    torch._foreach_lerp_(m, directions, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, directions, directions, 1 - beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, (1 - beta2**t) ** 0.5)
+    torch._foreach_add_(denom, eps)
+    out = torch._foreach_div(m, denom)
+    torch._foreach_div_(out, 1 - beta1**t)
+    return out
 
 
 def _validate(lr, betas, eps, weight_decay, mode, stats, delta_rel, delta_abs, other_weight_decay) -> None:
