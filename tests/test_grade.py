@@ -254,7 +254,8 @@ def test_unknown_and_unreadable_notebooks_are_reported(tmp_path):
                                                       ("notes.ipynb", "not a course notebook")]
 
 
-@pytest.mark.parametrize("patch", ["attribute", "core", "closure", "code", "method", "torch", "tensor", "module"])
+@pytest.mark.parametrize("patch", ["attribute", "core", "closure", "code", "method", "torch", "tensor", "module",
+                                   "removed"])
 def test_fingerprints_see_every_kind_of_patch(patch, monkeypatch):
     """Each way of faking a check changes the fingerprints (here in this process; the grader compares the kernel's
     with a fresh import's)."""
@@ -282,7 +283,12 @@ def test_fingerprints_see_every_kind_of_patch(patch, monkeypatch):
         monkeypatch.setattr(torch.Tensor, "equal", fake, raising=False)
     elif patch == "module":
         monkeypatch.setitem(sys.modules, "gpt2lab.checks.attention", types.ModuleType("gpt2lab.checks.attention"))
-    assert grading.library_changes(grading.library_fingerprints(names, fresh=False), before)
+    elif patch == "removed":
+        monkeypatch.delitem(sys.modules, "gpt2lab.checks.attention")
+    changes = grading.library_changes(grading.library_fingerprints(names, fresh=False), before)
+    assert changes
+    if patch == "removed":
+        assert changes == ["gpt2lab.checks.attention removed from sys.modules"]
 
 
 def test_fingerprints_see_past_torchs_own_wrappers(monkeypatch):

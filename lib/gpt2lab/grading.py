@@ -62,6 +62,7 @@ from . import course
 
 OUT = course.REPO_ROOT / "build" / "grades"
 TIMEOUT = 300  # seconds per notebook; quick mode runs each in well under a minute
+PROBE_TIMEOUT = 120  # seconds for one of the grader's own probes in the kernel (not counted in the notebook's)
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
 NOTEBOOK = "(notebook)"  # the exercise column of a row about the whole notebook
 PASS, FAIL, TODO, ERROR, NOT_RUN, NOTE = "pass", "fail", "not implemented", "error", "not run", "note"
@@ -201,7 +202,7 @@ def check_specs(handout: nbformat.NotebookNode) -> list[CheckSpec]:
 
 
 def _align(submitted: list[str], handout: list[str]) -> dict[int, int]:
-    """{submitted cell: handout cell} for cells kept (equal) or edited in place (a replaced run of equal length)."""
+    """{submitted cell: handout cell} for cells kept (equal) or edited in place (a replaced run, paired in order)."""
     pairs = {}
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, handout, submitted, autojunk=False).get_opcodes():
         if tag in ("equal", "replace"):
@@ -223,7 +224,7 @@ def _handout_for(path: Path, nb, handouts: dict) -> tuple[str | None, str]:
 
 
 # ------------------------------------------------------------------------------------------ probes in the kernel
-# Both functions are shipped to the kernel as source (never imported from its gpt2lab, which the student's code
+# The functions here are shipped to the kernel as source (never imported from its gpt2lab, which the student's code
 # could have changed) and run there in a namespace of their own; library_fingerprints also runs in a fresh process.
 
 
@@ -345,6 +346,7 @@ def _in_kernel(client, function, *args) -> object:
     """Call `function` (shipped as source) with `args` (Python expressions) inside the kernel, silently (no history,
     no output, nothing left in the student's namespace); return its result, through JSON. RuntimeError when it
     cannot."""
+    client.timeout = PROBE_TIMEOUT  # ours, not the student's time
     source = _PROBES[function.__name__]
     expression = (f"(lambda ns: (exec({source!r}, ns), __import__('json').dumps(ns[{function.__name__!r}]"
                   f"({', '.join(args)})))[1])({{}})")
@@ -375,18 +377,18 @@ def fresh_fingerprints(names: list[str], python: str, env: dict, cwd: Path) -> d
 
 def library_changes(kernel: dict, fresh: dict) -> list[str]:
     """What differs between the kernel's fingerprints and a fresh import's, e.g. "gpt2lab.checks.core.ok replaced"."""
-    changes = []
+    removed = sorted(key[:-1] for key, value in kernel.items() if value == "not imported" and key.endswith(":"))
+    changes = [f"{module} removed from sys.modules" for module in removed]
     for key, value in fresh.items():
-        dotted = key.replace(":", ".")
+        if key.partition(":")[0] in removed:
+            continue
         if key not in kernel:
-            changes.append(f"{dotted} deleted")
+            changes.append(f"{key.replace(':', '.')} deleted")
         elif kernel[key] != value:
-            changes.append(f"{dotted} replaced")
-    for key, value in kernel.items():
+            changes.append(f"{key.replace(':', '.')} replaced")
+    for key in sorted(kernel.keys() - fresh.keys()):
         module, _, attr = key.partition(":")
-        if value == "not imported" and not attr:
-            changes.append(f"{module} removed from sys.modules")
-        elif key not in fresh and ("." in attr or module.startswith("gpt2lab")):  # added to a class, or ours
+        if attr and ("." in attr or module.startswith("gpt2lab")):  # added to a class, or to a module of ours
             changes.append(f"{key.replace(':', '.')} added")
     return changes
 
@@ -403,7 +405,6 @@ class Run:
     probes: dict = field(default_factory=dict)  # check cell index -> check_probe's report, or an error string
     changes: list[str] | None = None  # library changes; None when not probed
     probe_error: str | None = None
-    seconds: float = 0.0
 
 
 def kernel_env(results: Path) -> dict:
@@ -418,7 +419,7 @@ def execute(nb, cwd: Path, timeout: float, check_cells: set[int], modules: list[
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
-    run, start = Run(), time.monotonic()
+    run = Run()
     with tempfile.TemporaryDirectory(prefix="gpt2lab-grade-") as results:
         env = kernel_env(Path(results))
         client = NotebookClient(nb, timeout=math.ceil(timeout), kernel_name="python3", allow_errors=True,
@@ -457,7 +458,6 @@ def execute(nb, cwd: Path, timeout: float, check_cells: set[int], modules: list[
                     run.probe_error = f"{type(err).__name__}: {err}"
             else:
                 client.shutdown_kernel = "immediate"  # a kernel still busy past its limit never answers a request
-    run.seconds = time.monotonic() - start
     return run
 
 
