@@ -15,7 +15,9 @@ The plain step and the variants are timed in alternation (the order rotates ever
 load hit all of them; the headline ratio is the median over repeats of each variant's time over the plain step of
 the same repeat. The target is <= 2.0x for K = 1. What a SMART step costs beyond a plain one: K forward + backward
 passes to the perturbation only (no weight gradients), one adversarial forward and its backward (the clean logits
-of the task's own forward are reused). Timings live here, never in tests.
+of the task's own forward are reused). So a SMART step can be no faster than 2 x (forward + backward) + K ascent
+passes + the optimizer step: the "floor" line times those parts alone and gives that bound, so the measured ratio
+can be read against what the method itself costs (the rest is overhead). Timings live here, never in tests.
 """
 
 from __future__ import annotations
@@ -104,6 +106,37 @@ def time_step(model, task, batch, optimizer, device, amp: bool, after=None) -> t
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
+def time_parts(model, task, batch, optimizer, device, amp: bool) -> tuple[float, float, float]:
+    """Wall seconds of the parts a SMART step is made of, each timed alone: (forward + backward of the task loss,
+    optimizer step, one ascent pass = forward + backward to the perturbation with the parameters frozen)."""
+    from ..smart import SmartRegularizer, frozen, perturb
+
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    times = []
+    optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    start = time.perf_counter()
+    with autocast:
+        out = task.outputs(model, batch)
+    out.loss.backward()
+    _sync(device)
+    times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    optimizer.step()
+    _sync(device)
+    times.append(time.perf_counter() - start)
+    reg = SmartRegularizer(task, steps=1)  # its settings: only the work is timed
+    start = time.perf_counter()
+    with autocast:
+        embeds = task.embeddings(model, batch)
+        with frozen(model):
+            fn = lambda e: task.outputs(model, batch, e).logits
+            perturb(fn, embeds, out.logits, out.mask, batch["attention_mask"], eps=reg.eps, steps=1)
+    _sync(device)
+    times.append(time.perf_counter() - start)
+    return tuple(times)
+
+
 def variants(task, steps: list[int], bregman: bool) -> list[tuple[str, object, object]]:
     """(label, objective, its MomentumBregman or None): the plain task first, then the SMART objectives."""
     from ..smart import MomentumBregman, smart_objective
@@ -135,13 +168,17 @@ def bench_task(args, config, shape: str) -> dict[str, float]:
         if prox is not None:
             prox.reset(model)  # what train's on_start does; its update runs after each step, as on_step
         runs.append((label, objective, None if prox is None else prox.update, []))
-    for _ in range(1):  # warm-up: allocator, kernels, lazy inits
-        for _, objective, after, _ in runs:
-            time_step(model, objective, batch, optimizer, args.device, args.amp, after)
+    task = runs[0][1]
+    for _, objective, after, _ in runs:  # warm-up: allocator, kernels, lazy inits
+        time_step(model, objective, batch, optimizer, args.device, args.amp, after)
+    time_parts(model, task, batch, optimizer, args.device, args.amp)
+    parts = []
     for i in range(args.repeats):
         shift = i % len(runs)  # rotate who goes first
         for _label, objective, after, times in runs[shift:] + runs[:shift]:
             times.append(time_step(model, objective, batch, optimizer, args.device, args.amp, after))
+        parts.append(time_parts(model, task, batch, optimizer, args.device, args.amp))  # in the same round
+    fb, opt, ascent = (statistics.median(p[i] for p in parts) for i in range(3))
     plain = [w for w, _ in runs[0][3]]
     print(f"{shape}: {args.config} (n_layer={config.n_layer}, n_embd={config.n_embd}), batch {args.batch} x {args.seq} "
           f"tokens, {args.device}{' bf16 autocast' if args.amp else ' fp32'}, "
@@ -161,6 +198,10 @@ def bench_task(args, config, shape: str) -> dict[str, float]:
             if label == "smart K=1":
                 line += "  target <= 2.0x"
         print(line)
+    floors = ", ".join(f"K={k} {(2 * fb + k * ascent + opt) / (fb + opt):.2f}x" for k in args.steps)
+    print(f"  floor of the method: {floors}  [(2 x forward+backward {fb * 1e3:.1f} ms + K x ascent pass "
+          f"{ascent * 1e3:.1f} ms + optimizer step {opt * 1e3:.1f} ms) / (forward+backward + optimizer step), "
+          "each part timed alone]")
     return ratios
 
 
