@@ -1,15 +1,16 @@
 """SMART: adversarial smoothness regularisation of the input embeddings and a momentum Bregman proximal term.
 
 Built in notebook 06 (smart). Jiang et al. 2020, "SMART: Robust and Efficient Fine-Tuning for Pre-trained Natural
-Language Models through Principled Regularized Optimization" (arXiv 1911.03437). What is here, in the notebook's
-order:
+Language Models through Principled Regularized Optimization" (arXiv 1911.03437). What is here, with the notebook's
+sections:
 
-    §1 symmetric_kl       l_s(P, Q) = KL(P||Q) + KL(Q||P), averaged over the distributions that count
-    §2 normalize, project the ascent direction g / ||g||_inf and the projection onto the eps-ball, per token
-    §3 perturb            noise init, K ascent steps, projection: the adversarial perturbation nu of the embeddings
-    §4 SmartRegularizer   weight * l_s(f(x + nu), f(x)) as an extra loss term; smart_objective(task, ...) adds it
-    §5 MomentumBregman    weight * l_s(f(x; theta), f(x; theta~)) against an EMA theta~ of the trainable
+    §2 symmetric_kl       l_s(P, Q) = KL(P||Q) + KL(Q||P), averaged over the distributions that count
+    §3 normalize, project the ascent direction g / ||g||_inf and the projection onto the eps-ball, per token
+    §4 perturb            noise init, K ascent steps, projection: the adversarial perturbation nu of the embeddings
+    §6 MomentumBregman    weight * l_s(f(x; theta), f(x; theta~)) against an EMA theta~ of the trainable
                           parameters: an extra loss term AND a training-loop callback that keeps the EMA
+    §7 SmartRegularizer   weight * l_s(f(x + nu), f(x)) as an extra loss term; smart_objective(task, ...) adds it
+                          (and the Bregman term) to any task's loss
 
     prox = MomentumBregman(task, weight=1.0, beta=0.99)
     objective = smart_objective(task, weight=1.0, eps=1e-5, step_size=1e-3, noise_var=1e-5, steps=1, proximal=prox)
@@ -68,13 +69,13 @@ class SmartError(OneLineError, ValueError):
     """A SMART setting out of range, or a term used the wrong way: the message says which and what to do."""
 
 
-# ------------------------------------------------------------------------------------------------ §1 the divergence
+# ------------------------------------------------------------------------------------------------ §2 the divergence
 
 
 def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(P||Q) + KL(Q||P) between softmax(logits_p) and softmax(logits_q), averaged over the counted rows.
 
-    Built in notebook 06 (smart), §1. logits (..., K): softmax over the last dim gives the distributions (the
+    Built in notebook 06 (smart), §2. logits (..., K): softmax over the last dim gives the distributions (the
     task's logits: (B, 2) for the paraphrase answer, (B, T, V) for the next token); `mask` bool of shape
     logits.shape[:-1] says which distributions count (None: all). Computed in float32 from log_softmax as
     sum_k (p_k - q_k)(log p_k - log q_k), which is exactly 0 for equal inputs and symmetric in its arguments.
@@ -97,13 +98,13 @@ def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Ten
     return torch.where(mask, per_row, 0.0).sum() / mask.sum().clamp_min(1)
 
 
-# --------------------------------------------------------------------------- §2 the ascent direction and the ball
+# --------------------------------------------------------------------------- §3 the ascent direction and the ball
 
 
 def normalize(g: torch.Tensor) -> torch.Tensor:
     """g / ||g||_inf per token: (..., C) -> (..., C), each token's largest entry +-1 (a zero gradient stays 0).
 
-    Built in notebook 06 (smart), §2. The ascent direction of the paper (p = inf): the step then has the same size
+    Built in notebook 06 (smart), §3. The ascent direction of the paper (p = inf): the step then has the same size
     for every token, however small its gradient (near nu = 0 the gradient of l_s is tiny, its direction is not).
     """
     norm = g.abs().amax(dim=-1, keepdim=True)  # (..., 1)
@@ -113,7 +114,7 @@ def normalize(g: torch.Tensor) -> torch.Tensor:
 def project(delta: torch.Tensor, eps: float) -> torch.Tensor:
     """The closest point of the eps-ball of the inf-norm per token: every entry clipped to [-eps, eps].
 
-    Built in notebook 06 (smart), §2. For the inf-norm the ball is a box, so the projection is a clamp (the same
+    Built in notebook 06 (smart), §3. For the inf-norm the ball is a box, so the projection is a clamp (the same
     whether the norm is taken per token or per sequence).
     """
     if eps < 0:
@@ -126,7 +127,7 @@ def inf_norm(delta: torch.Tensor) -> torch.Tensor:
     return delta.abs().amax(dim=-1, keepdim=True)
 
 
-# ---------------------------------------------------------------------------------------------- §3 the perturbation
+# ---------------------------------------------------------------------------------------------- §4 the perturbation
 
 
 def check_settings(eps: float, step_size: float, noise_var: float, steps: int, weight: float = 1.0) -> None:
@@ -143,7 +144,7 @@ def perturb(fn: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, cl
             step_size: float = 1e-3, noise_var: float = 1e-5, steps: int = 1, compat: bool = False) -> torch.Tensor:
     """The adversarial perturbation nu (B, T, C) of the embeddings, found by K steps of normalised ascent.
 
-    Built in notebook 06 (smart), §3. fn(embeds) -> logits is the model on given embeddings; `clean` = fn(embeds)
+    Built in notebook 06 (smart), §4. fn(embeds) -> logits is the model on given embeddings; `clean` = fn(embeds)
     already computed (held constant here); `mask` says which output distributions count (see `symmetric_kl`);
     `input_mask` (B, T) 0/1 says which tokens may be perturbed (padding: 0). Draws exactly one
     torch.randn_like(embeds) from the global RNG (the noise init), then, `steps` times, one forward + backward of
@@ -173,7 +174,7 @@ def perturb(fn: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, cl
     return delta.detach()
 
 
-# ------------------------------------------------------------------------------------------ §4 the regularizer
+# ------------------------------------------------------------------------------------------ §7 the regularizer
 
 
 @contextlib.contextmanager
@@ -206,10 +207,10 @@ def base_task(task):
 class SmartRegularizer:
     """weight * l_s(f(x + nu), f(x)): the adversarial smoothness term, an extra loss for `gpt2lab.tasks.Objective`.
 
-    Built in notebook 06 (smart), §4. Called as term(model, batch, outputs) with the clean `TaskOutputs` of the
-    task's own forward (their logits are reused: no second clean forward). `task` is the task whose
-    `embeddings` and `outputs` are perturbed (the one inside any Objective). Settings as in `perturb`; weight is the
-    paper's lambda_s. The gradient reaches the parameters through the adversarial and the clean outputs.
+    Built in notebook 06 (smart), §7 (its pieces in §2-§4). Called as term(model, batch, outputs) with the clean
+    `TaskOutputs` of the task's own forward (their logits are reused: no second clean forward). `task` is the task
+    whose `embeddings` and `outputs` are perturbed (the one inside any Objective). Settings as in `perturb`; weight
+    is the paper's lambda_s. The gradient reaches the parameters through the adversarial and the clean outputs.
     """
 
     name = "smart"
@@ -259,7 +260,7 @@ def smart_objective(task, weight: float = 1.0, eps: float = 1e-5, step_size: flo
                     steps: int = 1, compat: bool = False, proximal: MomentumBregman | None = None):
     """`task` with the SMART terms added to its loss: task loss + weight * R_s (+ the proximal term, when given).
 
-    Built in notebook 06 (smart), §4. Returns a `gpt2lab.tasks.Objective` the training loop uses like any task.
+    Built in notebook 06 (smart), §7. Returns a `gpt2lab.tasks.Objective` the training loop uses like any task.
     `proximal`: a `MomentumBregman`, whose term is added too; pass the same object in train(callbacks=[...]) so
     its EMA follows the training.
     """
@@ -273,7 +274,7 @@ def smart_objective(task, weight: float = 1.0, eps: float = 1e-5, step_size: flo
     return objective
 
 
-# --------------------------------------------------------------------------------------- §5 the proximal term
+# --------------------------------------------------------------------------------------- §6 the proximal term
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -296,7 +297,7 @@ class _Call(nn.Module):
 class MomentumBregman:
     """weight * l_s(f(x; theta), f(x; theta~)), theta~ an EMA of the trainable parameters; a training-loop callback.
 
-    Built in notebook 06 (smart), §5: the momentum Bregman proximal point of the paper (a "mean teacher" trust
+    Built in notebook 06 (smart), §6: the momentum Bregman proximal point of the paper (a "mean teacher" trust
     region). Two roles in one object:
 
     * an extra loss term, term(model, batch, outputs): the clean outputs (reused) against the outputs of the same
