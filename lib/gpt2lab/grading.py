@@ -358,11 +358,13 @@ def _in_kernel(client, function, *args) -> object:
     return json.loads(ast.literal_eval(value["data"]["text/plain"]))
 
 
-_FRESH: dict[tuple, dict] = {}  # fresh fingerprints by (python, names): one import per module set per grading run
+_FRESH: dict[tuple, dict] = {}  # fresh fingerprints by (python, names, library files' age): one import per module set
 
 
 def fresh_fingerprints(names: list[str], python: str, env: dict, cwd: Path) -> dict:
-    key = (python, tuple(names))
+    """library_fingerprints(names) in a fresh process (kept until the library's files change, as while editing it)."""
+    newest = max(p.stat().st_mtime_ns for p in Path(__file__).parent.rglob("*.py"))
+    key = (python, tuple(names), newest)
     if key not in _FRESH:
         code = (_PROBES["library_fingerprints"] + "\nimport json, sys\n"
                 "print(json.dumps(library_fingerprints(json.loads(sys.argv[1]))))")
