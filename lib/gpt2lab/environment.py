@@ -129,55 +129,134 @@ def setup(
     return cfg
 
 
-# (import name, pip name, why the course needs it)
+# (import name, pip name, why the course needs it); the versions needed are those gpt2lab was installed with
 REQUIREMENTS = [
     ("torch", "torch", "tensors, autograd, the models"),
     ("transformers", "transformers", "reference GPT-2 and tokenizer"),
     ("tokenizers", "tokenizers", "fast byte-level BPE"),
+    ("safetensors", "safetensors", "the weights files"),
+    ("huggingface_hub", "huggingface_hub", "fetches and caches the released weights"),
     ("sacrebleu", "sacrebleu", "chrF for the sonnets"),
     ("matplotlib", "matplotlib", "plots"),
     ("ipywidgets", "ipywidgets", "interactive explorers"),
     ("tqdm", "tqdm", "progress bars"),
     ("numpy", "numpy", "arrays"),
 ]
+RESTART = "then restart the kernel (Kernel > Restart) and run this cell again"
+
+
+def required_versions() -> dict[str, str]:
+    """{pip name (normalised): version specifier} as declared by the installed gpt2lab (pyproject's ranges); {} when
+    gpt2lab runs from a source folder that was never installed."""
+    import importlib.metadata as metadata
+
+    try:
+        from packaging.requirements import Requirement
+
+        declared = metadata.requires("gpt2lab") or []
+    except (ImportError, metadata.PackageNotFoundError):
+        return {}
+    specs = {}
+    for line in declared:
+        req = Requirement(line)
+        if req.marker is None:  # the dev extras are not the course's business
+            specs[_normal(req.name)] = str(req.specifier)
+    return specs
+
+
+def _normal(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _package_status(module: str, pip_name: str, why: str, specs: dict[str, str]) -> tuple[bool, str]:
+    """[OK] with the version, or [FAIL] saying what to install: into the kernel's own python, hence %pip."""
+    import importlib.metadata as metadata
+
+    spec = specs.get(_normal(pip_name), "")
+    install = f"run `%pip install '{pip_name}{spec}'` in a cell, {RESTART}"
+    try:
+        imported = importlib.import_module(module)
+    except ImportError as err:
+        detail = "" if getattr(err, "name", module) == module else f": {err}"  # a broken install, not an absent one
+        return False, f"{module} missing ({why}){detail}: {install}"
+    try:
+        version = metadata.version(pip_name)
+    except metadata.PackageNotFoundError:
+        version = getattr(imported, "__version__", "?")
+    if spec and version != "?":
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import InvalidVersion
+
+        try:
+            fits = SpecifierSet(spec).contains(version, prereleases=True)
+        except InvalidVersion:
+            fits = True  # a version string we cannot read: do not guess
+        if not fits:
+            return False, f"{module} {version} is not {spec} ({why}): {install}"
+    return True, f"{module} {version} ({why})"
 
 
 def check_environment(data: bool = True, weights: str | os.PathLike | None = None) -> bool:
-    """Print one line per package, the python version, the data files, the tokenizer and the GPT-2 weights; return
-    True when nothing is [FAIL].
+    """Print one line per requirement: python, each package, the data files, the tokenizer and the GPT-2 weights,
+    then a summary; return True when nothing is [FAIL].
 
-    Built in notebook 00 (welcome), §1. Markers: [OK] ready; [FAIL] the course cannot run as it is (the line says what
-    to do); [--] not needed yet: the weights are not cached (real mode downloads them once on first use, which needs
-    internet) or, in quick mode, the weights are missing at all (quick mode uses tiny random models, no weights).
-    Nothing is downloaded: the tokenizer and the weights are looked for locally and in the Hugging Face cache only.
+    Built in notebook 00 (welcome), §1. Markers: [OK] ready; [FAIL] the course cannot run as it is, and the line says
+    exactly what to do (the package spec to install into this kernel, the command that fetches the data, the setting
+    to change); [--] not needed yet: in quick mode, GPT-2 weights (quick mode uses tiny random models); in real mode,
+    weights not cached yet while the hub is reachable (they are downloaded once, on first use). Nothing is
+    downloaded: the tokenizer and the weights are looked for locally and in the Hugging Face cache; in real mode,
+    when the weights are not cached, one connection to the hub (a few seconds at most) tells whether they can be.
     `weights` is the weights setting (None: $GPT2LAB_WEIGHTS, else "gpt2").
     """
-    ok_all = True
+    import sys
+
+    from .data import shown_path
+
+    fails = 0
 
     def line(ok: bool | None, text: str) -> None:
-        nonlocal ok_all
-        ok_all &= ok is not False
+        nonlocal fails
+        fails += ok is False
         print(f"[{'--' if ok is None else 'OK' if ok else 'FAIL'}] {text}")
 
     py_ok = tuple(map(int, platform.python_version_tuple()[:2])) >= (3, 10)
-    line(py_ok, f"python {platform.python_version()} (need >= 3.10)")
+    where = shown_path(Path(sys.executable))
+    line(py_ok, f"python {platform.python_version()} at {where}" + ("" if py_ok else
+         " is too old: the course needs python >= 3.10; start JupyterLab from an environment that has it"))
+    specs = required_versions()
     for module, pip_name, why in REQUIREMENTS:
-        try:
-            version = getattr(importlib.import_module(module), "__version__", "?")
-            line(True, f"{module} {version} ({why})")
-        except ImportError:
-            line(False, f"{module} missing ({why}): pip install {pip_name}")
+        line(*_package_status(module, pip_name, why, specs))
     if data:
-        from .data import DataFileMissing, describe_data_dir
-
-        try:
-            for name, present in describe_data_dir():
-                line(present, name if present else f"{name} missing")
-        except DataFileMissing as err:
-            line(False, str(err))
+        for status in _data_status():
+            line(*status)
         line(*_tokenizer_status())
     line(*_weights_status(weights))
-    return ok_all
+    if fails:
+        print(f"{fails} [FAIL] line{'s' if fails > 1 else ''}: do what {'each' if fails > 1 else 'it'} says, {RESTART}")
+    else:
+        print(f"ready for {'quick' if quick_mode() else 'real'} mode")
+    return fails == 0
+
+
+def _data_status() -> list[tuple[bool, str]]:
+    """The data folder (and where its setting comes from), then one line per course file."""
+    from .data import DATA_ENV, FETCH_HINT, DataFileMissing, data_dir, describe_data_dir, shown_path
+
+    root = data_dir()
+    origin = f"${DATA_ENV}" if os.environ.get(DATA_ENV) else f"the repo's data/ folder; ${DATA_ENV} is not set"
+    folder = f"data folder {shown_path(root)} ({origin})"
+    fix = (f"run `{FETCH_HINT}` in a terminal in the repo (needs internet once), or set {DATA_ENV} to the folder "
+           "that holds the course data")
+    try:
+        files = describe_data_dir()
+    except DataFileMissing as err:
+        return [(False, str(err))]
+    if not root.is_dir():
+        return [(False, f"{folder} does not exist: {fix}")]
+    if not any(present for _, present in files):
+        return [(False, f"{folder} holds none of the course files ({', '.join(n for n, _ in files)}): {fix}")]
+    return [(True, folder)] + [(True, name) if present else (False, f"{name} missing from {shown_path(root)}: {fix}")
+                               for name, present in files]
 
 
 def _tokenizer_status() -> tuple[bool, str]:
@@ -198,6 +277,9 @@ def _weights_status(value: str | os.PathLike | None) -> tuple[bool | None, str]:
         check_files,
         find_cached,
         hub_cache_dir,
+        hub_endpoint,
+        hub_offline,
+        hub_unreachable,
         looks_like_folder,
         resolve,
     )
@@ -218,10 +300,16 @@ def _weights_status(value: str | os.PathLike | None) -> tuple[bool | None, str]:
         except WeightsUnavailable as err:
             return (None if quick else False), f"weights: {err}"
         return True, f"weights {name!r}: cached at {shown_path(folder)}"
-    return None, (
-        f"weights {name!r}: not in the Hugging Face cache at {shown_path(hub_cache_dir())}. "
-        f"{'Quick mode needs none; real' if quick else 'Real'} mode downloads them once on first use (needs "
-        f"internet); offline, set {WEIGHTS_ENV}=/path/to/folder (or setup(weights=...)) to a folder holding "
-        "config.json and model.safetensors"
-    )
+    where = f"weights {name!r}: not in the Hugging Face cache at {shown_path(hub_cache_dir())}"
+    offline_fix = (f"set {WEIGHTS_ENV}=/path/to/folder (or setup(weights=...)) to a folder holding config.json and "
+                   "model.safetensors")
+    if quick:
+        return None, (f"{where}. Quick mode needs none; real mode downloads them once on first use (needs internet); "
+                      f"offline, {offline_fix}")
+    why = hub_unreachable()  # one connection, a few seconds at most: can real mode fetch them?
+    if why is None:
+        return None, f"{where}; hub {hub_endpoint()}: reachable, so real mode downloads them once, on first use"
+    reach = "unset HF_HUB_OFFLINE" if hub_offline() else "connect to the internet"
+    return False, (f"{where}; hub {hub_endpoint()}: {why}. Real mode cannot load them: {reach}, or {offline_fix}, "
+                   "or use quick mode (GPT2LAB_QUICK=1)")
 
