@@ -30,8 +30,9 @@ Semantics are those of the authors' reference (github.com/nikhilvyas/SOAP, Dec 2
 eigenbasis. One change that is exact in arithmetic: the reference rotates M back and forth at every step; here it is
 rotated only when the basis changes (between refreshes Q is fixed, so the round trip is the identity). Every
 statistic, basis and moment is kept in float32 (float64 for float64 parameters) whatever the parameter's dtype, and
-eigh / QR always run in float32, as in the reference. `pytorch_optimizer.SOAP` agrees within ~1e-6 in float32 (it
-counts steps per param group and stores M unrotated; tests/test_soap.py compares them).
+eigh / QR always run in float32, as in the reference (keeping M and V in float32 for half-precision parameters is our
+choice: the reference assumes float32 parameters). `pytorch_optimizer.SOAP` agrees within ~1e-6 in float32 (it
+counts steps per param group and stores M unrotated; notebook 07, §8, compares them).
 
 State per parameter (all tensors, so `state_dict()` resumes a run exactly): `step` (non-initial steps, a 0-d
 tensor), `exp_avg` (M, rotated), `exp_avg_sq` (V, rotated), and for each preconditioned dim k `GG{k}` (its
