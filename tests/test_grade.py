@@ -310,3 +310,12 @@ def test_fingerprints_see_past_torchs_own_wrappers(monkeypatch):
     monkeypatch.setattr(torch, "manual_seed", functools.wraps(seed)(lambda *a: None))
     assert grading.library_changes(grading.library_fingerprints(names, fresh=False), before) == \
         ["torch.manual_seed replaced"]  # fmt: skip
+
+
+def test_bad_arguments_get_one_line(tmp_path, capsys):
+    assert course.main(["grade", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: no such notebook or folder (give submitted " \
+                                      ".ipynb files or folders of them)\n"  # fmt: skip
+    assert course.main(["grade", str(tmp_path), "--timeout", "0"]) == 2
+    assert "give a positive number of seconds" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

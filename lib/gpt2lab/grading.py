@@ -721,9 +721,13 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     """`python -m gpt2lab.course grade`: grade, write grades.csv and grades.md, print the Markdown."""
-    if args.timeout <= 0:
-        raise GradeError(f"--timeout {args.timeout:g}: give a positive number of seconds per notebook, e.g. 300")
-    rows = grade(args.paths or [course.NOTEBOOKS], args.solutions, args.timeout)
+    try:  # caught here: under `python -m gpt2lab.course`, course's own CourseError is __main__'s, not this one
+        if args.timeout <= 0:
+            raise GradeError(f"--timeout {args.timeout:g}: give a positive number of seconds per notebook, e.g. 300")
+        rows = grade(args.paths or [course.NOTEBOOKS], args.solutions, args.timeout)
+    except course.CourseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(rows)
     (args.out / "grades.csv").write_text(to_csv(rows), encoding="utf-8")
