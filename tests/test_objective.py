@@ -249,3 +249,24 @@ def test_objective_over_a_task_with_only_a_loss():
     with pytest.raises(TypeError, match="task 'toy' has no outputs"):
         obj.loss(model, {}, inputs_embeds=torch.zeros(1, 1, 2))
     assert obj.describe() == {"name": "toy", "extra_losses": [{"name": "bias"}]}
+
+
+def test_objective_passes_on_only_the_keywords_its_task_takes():
+    """The loop offers progress=False to an evaluate that takes it; the wrapper takes **kwargs, its task may not."""
+
+    class NoProgress:
+        name, metric, higher_is_better, train_set = "toy", "loss", False, [0, 1]
+
+        def loss(self, model, batch):
+            return model.weight.sum()
+
+        def evaluate(self, model):
+            return {"loss": 1.0}
+
+    class WithProgress(NoProgress):
+        def evaluate(self, model, progress=None):
+            return {"loss": 0.0 if progress is False else 1.0}
+
+    model = torch.nn.Linear(2, 2)
+    assert tasks.Objective(NoProgress(), lambda m, b, o: 0).evaluate(model, progress=False) == {"loss": 1.0}
+    assert tasks.Objective(WithProgress(), lambda m, b, o: 0).evaluate(model, progress=False) == {"loss": 0.0}

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import io
 import os
 import warnings
@@ -255,6 +256,11 @@ class Objective:
         return self.task.collate(examples, *args, **kwargs)
 
     def evaluate(self, model, *args, **kwargs) -> dict:
+        # Pass on only the keywords the wrapped task takes: the loop offers progress=False to any evaluate that takes
+        # `progress`, and this wrapper's **kwargs takes everything.
+        params = inspect.signature(self.task.evaluate).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            kwargs = {k: v for k, v in kwargs.items() if k in params}
         return self.task.evaluate(model, *args, **kwargs)
 
     def embeddings(self, model, batch: dict) -> torch.Tensor:
