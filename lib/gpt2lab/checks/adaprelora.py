@@ -199,7 +199,7 @@ def tangent_projection(fn):
         ("the projectors are transposed: Π_B = B M_B⁻¹ Bᵀ P (P on the right) and Π_A = Q Aᵀ M_A⁻¹ A (Q on the left)",
          PB.T @ Z + Z @ PA.T - PB.T @ Z @ PA.T),
     ])  # fmt: skip
-    return "T* equals the brute-force weighted least-squares solution (and satisfies the normal equations)"
+    return "T* equals the brute-force weighted least-squares solution"
 
 
 # ------------------------------------------------------------------------------------------- 4. balanced update
