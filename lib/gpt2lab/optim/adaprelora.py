@@ -250,11 +250,12 @@ class _Statistics:
 
     def on_grad(self, idx: tuple, x_tilde: Tensor, grad: Tensor) -> None:
         task = torch._C._current_graph_task_id()
-        x = x_tilde.detach().reshape(-1, x_tilde.shape[-1]).float()  # (N, n) tokens flattened, float32
+        dtype = torch.promote_types(x_tilde.dtype, torch.float32)  # float32 under bf16 autocast, float64 kept
+        x = x_tilde.detach().reshape(-1, x_tilde.shape[-1]).to(dtype)  # (N, n) tokens flattened
         for i in idx:
             pair = self.pairs[i]
-            delta = grad.detach()[..., pair.out_slice].reshape(-1, pair.B.shape[0]).float()  # (N, m) dL/dy slice
-            A = pair.A.detach().float()  # (r, n)
+            delta = grad.detach()[..., pair.out_slice].reshape(-1, pair.B.shape[0]).to(dtype)  # (N, m) dL/dy slice
+            A = pair.A.detach().to(dtype)  # (r, n)
             if self.stats == "transient":
                 G = delta.T @ x  # (m, n): alive only inside this call
                 S = G * G
