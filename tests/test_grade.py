@@ -172,6 +172,7 @@ def test_exit_status_summary_and_files_untouched(tiny):
     assert markdown in tiny.printed
     assert "| carol | 01_tiny.ipynb | 1/2 | 1 | 0 | 0 | crashed |" in markdown
     assert "| erin | 01_tiny.ipynb | 0/2 | 0 | 0 | 2 | tampered |" in markdown
+    assert "| grace | 01_tiny.ipynb | 1/2 | 0 | 0 | 1 | tampered |" in markdown  # reported by its check's own row
 
 
 # ------------------------------------------------------------------------------------------ notebook 01 itself

@@ -696,7 +696,8 @@ def to_markdown(rows: list[Row]) -> str:
         checks = [r for r in group if r.exercise != NOTEBOOK]
         count = {k: sum(r.result == k for r in checks) for k in (PASS, FAIL, TODO)}
         other = len(checks) - sum(count.values())
-        reported = sorted({r.result for r in group if r.exercise == NOTEBOOK and r.result != NOTE})
+        reported = sorted({r.result for r in group if (r.exercise == NOTEBOOK and r.result != NOTE)
+                           or r.result in (TAMPERED, OUTDATED)})
         lines.append(f"| {_cell(student)} | {_cell(notebook)} | {count[PASS]}/{len(checks)} | {count[FAIL]} | "
                      f"{count[TODO]} | {other} | {', '.join(reported) or '-'} |")
     for (student, notebook), group in notebooks.items():
