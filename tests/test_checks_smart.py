@@ -208,6 +208,12 @@ def _perturb_no_grad_flag(fn, embeds, clean, mask=None, input_mask=None, *, eps=
     return delta
 
 
+def _perturb_crash(fn, embeds, clean, mask=None, input_mask=None, *, eps=1e-5, step_size=1e-3, noise_var=1e-5,
+                   steps=1):
+    delta = torch.randn_like(embeds) * noise_var
+    return delta @ embeds  # a shape error in the learner's own line
+
+
 # ----------------------------------------------------------------------------------------------- bregman_update
 
 
@@ -389,7 +395,10 @@ MISTAKES = [
      "forward through embeds + nu"),
     ("perturb", _perturb(in_place=True),
      "you modified embeds in place: the caller still needs them: work on new tensors (embeds + nu, not embeds += nu)"),
-    ("perturb", _perturb_no_grad_flag, "your code raised RuntimeError: …"),
+    ("perturb", _perturb_no_grad_flag,
+     "nu records no graph when you differentiate the divergence: call nu.requires_grad_(True) before the forward, on "
+     "a fresh leaf (nu.detach()) at every step (line …"),
+    ("perturb", _perturb_crash, "your code raised RuntimeError: …"),
     # bregman_update
     ("bregman_update", _BregmanStub, NOT_YET),
     ("bregman_update", _bregman("swapped"),
@@ -479,9 +488,12 @@ def test_correct_answers_pass(name, answer):
     assert_passes(getattr(check, name)(answer), name)
 
 
-def test_the_crash_line_names_the_learners_line():
-    line = str(check.symmetric_kl(_kl_crash))
-    assert "(line " in line and "lq.T" in line, line
+@pytest.mark.parametrize("name, answer, line", [("symmetric_kl", _kl_crash, "lq.T"),
+                                                ("perturb", _perturb_crash, "delta @ embeds"),
+                                                ("perturb", _perturb_no_grad_flag, "torch.autograd.grad(")])
+def test_the_crash_line_names_the_learners_line(name, answer, line):
+    message = str(getattr(check, name)(answer))
+    assert "(line " in message and line in message, message
 
 
 def test_the_perturb_check_separates_its_near_misses():

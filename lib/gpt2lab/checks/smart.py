@@ -21,7 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import _close, check, compare, compare_with_hints, earlier_stubs, expect, known_mistake, untouched
+from .core import (
+    _close,
+    _last_user_frame,
+    check,
+    compare,
+    compare_with_hints,
+    earlier_stubs,
+    expect,
+    known_mistake,
+    untouched,
+)
 
 # ------------------------------------------------------------------------------------------ §1 the symmetric KL
 
@@ -358,7 +368,14 @@ def _perturb_case_run(fn, eps: float, step_size: float, noise_var: float, steps:
     with untouched("the caller still needs them: work on new tensors (embeds + nu, not embeds += nu)",
                    embeds=embeds, clean=clean, mask=mask, input_mask=input_mask), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        got = fn(f, embeds, clean, mask, input_mask, eps=eps, step_size=step_size, noise_var=noise_var, steps=steps)
+        try:
+            got = fn(f, embeds, clean, mask, input_mask, eps=eps, step_size=step_size, noise_var=noise_var,
+                     steps=steps)
+        except RuntimeError as err:  # the classic one: autograd.grad asked for a tensor that records no graph
+            expect("does not require grad" not in str(err),
+                   f"nu records no graph when you differentiate the divergence: call nu.requires_grad_(True) before "
+                   f"the forward, on a fresh leaf (nu.detach()) at every step{_last_user_frame(err)}")
+            raise
     expect(torch.is_tensor(got), f"return nu as a tensor, got {type(got).__name__}")
     expect(tuple(got.shape) == tuple(embeds.shape), f"nu has shape {tuple(got.shape)}, expected "
                                                     f"{tuple(embeds.shape)}: one vector per token, like embeds")
