@@ -270,3 +270,29 @@ def test_objective_passes_on_only_the_keywords_its_task_takes():
     model = torch.nn.Linear(2, 2)
     assert tasks.Objective(NoProgress(), lambda m, b, o: 0).evaluate(model, progress=False) == {"loss": 1.0}
     assert tasks.Objective(WithProgress(), lambda m, b, o: 0).evaluate(model, progress=False) == {"loss": 0.0}
+
+
+def test_objectives_that_differ_only_in_a_terms_settings_get_different_run_names(tmp_path, tokenizer):
+    """Two SMART-like runs with another weight on the term must not share a folder (resume would load the other)."""
+
+    class Term:
+        def __init__(self, weight):
+            self.weight = weight
+
+        def __call__(self, model, batch, outputs):
+            return self.weight * outputs.logits.float().pow(2).mean()
+
+        def describe(self):
+            return {"name": "term", "weight": self.weight}
+
+    task = tasks.ParaphraseTask(tokenizer, PAIRS, PAIRS[:2], max_length=128, progress=False)
+    names = []
+    for weight in (0.1, 0.2, 0.1):
+        torch.manual_seed(0)
+        record = train(tiny_model(), tasks.Objective(task, Term(weight)), torch.optim.AdamW,
+                       _config(out_dir=str(tmp_path), max_steps=1, overwrite=True))
+        names.append(record["run_name"])
+    assert names[0] != names[1] and names[0] == names[2]
+    torch.manual_seed(0)
+    plain = train(tiny_model(), task, torch.optim.AdamW, _config(out_dir=str(tmp_path), max_steps=1))
+    assert plain["run_name"] not in names

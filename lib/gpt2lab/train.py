@@ -394,6 +394,9 @@ class _Run:
         identity = {"task": task.name, "n_train": self.n_train, "optimizer": self.optimizer_desc,
                     "config": {k: getattr(config, k) for k in RESULT_FIELDS}, "start": start_fingerprint,
                     "trainable": self.trainable_names}
+        extra_losses = task.describe().get("extra_losses") if hasattr(task, "describe") else None
+        if extra_losses:  # an Objective's terms and their settings (SMART's eps, weight, ...) change the result too
+            identity["extra_losses"] = extra_losses
         self.run_name = config.run_name or runs.run_name(
             task.name, config.method, self.optimizer_desc["name"], config.lr, config.batch_size, config.seed, identity)
         self.run_dir = Path(config.out_dir) / self.run_name if config.out_dir is not None else None
