@@ -7,6 +7,9 @@ VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.gpt2lab-installed
 LAB_ARGS ?=
+# make test runs pytest in 2 processes (pytest-xdist): most of the suite is notebook kernels running Python code on one
+# core each; each file stays in one process (--dist loadfile), so a notebook's cells run in order in one kernel.
+TEST_WORKERS ?= 2
 # Jupyter refuses to run as root unless told; containers and cloud notebooks often are root.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
@@ -49,7 +52,8 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m gpt2lab.course build --check
-	GPT2LAB_QUICK=1 MPLBACKEND=Agg $(PY) -m pytest tests solutions --nbval-lax --nbval-current-env -p no:cacheprovider
+	GPT2LAB_QUICK=1 MPLBACKEND=Agg $(PY) -m pytest tests solutions --nbval-lax --nbval-current-env -p no:cacheprovider \
+	  -n $(TEST_WORKERS) --dist loadfile
 
 # Keeps the answers in notebooks/, or refuses naming the cells; FORCE=1 backs up to notebooks/.backup/, then writes.
 student: $(STAMP)
