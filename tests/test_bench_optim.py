@@ -33,6 +33,7 @@ def test_main_through_the_dispatcher_prints_the_ratio(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "ratio ours / torch" in out and "tiny shapes" in out
+    assert "AdaPreLoRA's extra state" in out  # the LoRA optimizers' section ran too (skip it: --no-lora-optimizers)
 
 
 def test_bad_option_is_rejected(capsys):

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-SUITES = ("model", "optim", "lora", "smart")
+SUITES = ("model", "optim", "lora", "smart", "lora_optim")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="GPT-2-small blocks in the SOAP section (default: 12 on a GPU, 1 on a CPU)")
     parser.add_argument("--soap-steps", type=int, default=10,
                         help="SOAP steps timed after the first call (every 10th is a refresh); 0 skips SOAP")
+    parser.add_argument("--no-lora-optimizers", dest="lora_optimizers", action="store_false",
+                        help="skip the LoRA optimizers' section (AdaPreLoRA and the baselines vs LoRA-AdamW)")
     args = parser.parse_args(argv)
     if args.soap_layers is None:
         args.soap_layers = 12 if args.device.startswith("cuda") else 1
@@ -191,4 +193,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['ratio_of_medians']:.3f}x of medians, {result['ratio_best']:.3f}x of fastest runs; target <= 1.2x)")
     if args.soap_steps:
         _print_soap(run_soap(args.device, args.soap_layers, args.soap_steps, args.small), args)
+    if args.lora_optimizers:  # AdaPreLoRA, Scaled AdamW, LoRA+ vs LoRA-AdamW (python -m gpt2lab.bench lora_optim)
+        from . import lora_optim
+
+        lora_argv = ["--device", args.device, *(["--tiny", "--no-isolate"] if args.small else [])]
+        lora_optim.main(lora_argv + (["--threads", str(args.threads)] if args.threads else []))
     return 0
