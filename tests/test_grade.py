@@ -63,7 +63,7 @@ def _grade(paths, solutions, out, timeout) -> tuple[int, str, list[dict]]:
     """Run the command line as a user would; (exit status, what it printed, the CSV's rows)."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
-        rc = course.main(["grade", *map(str, paths), "--out", str(out), "--solutions", str(solutions),
+        rc = grading.cli([*map(str, paths), "--out", str(out), "--solutions", str(solutions),
                           "--timeout", str(timeout)])  # fmt: skip
     with open(out / "grades.csv", encoding="utf-8", newline="") as f:
         return rc, printed.getvalue(), list(csv.DictReader(f))
@@ -314,9 +314,9 @@ def test_fingerprints_see_past_torchs_own_wrappers(monkeypatch):
 
 
 def test_bad_arguments_get_one_line(tmp_path, capsys):
-    assert course.main(["grade", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert grading.cli([str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nowhere'}: no such notebook or folder (give submitted " \
                                       ".ipynb files or folders of them)\n"  # fmt: skip
-    assert course.main(["grade", str(tmp_path), "--timeout", "0"]) == 2
+    assert grading.cli([str(tmp_path), "--timeout", "0"]) == 2
     assert "give a positive number of seconds" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

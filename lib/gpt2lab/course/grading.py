@@ -41,6 +41,7 @@ Exit status: 0 when every check passes and nothing was reported, 1 otherwise, 2 
 
 from __future__ import annotations
 
+import argparse
 import ast
 import csv
 import difflib
@@ -720,9 +721,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--solutions", type=Path, default=course.SOLUTIONS, help="default: solutions/ of this repo")
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m gpt2lab.course grade [PATH...] [--out DIR] [--timeout S] [--solutions DIR]` (`make grade`)."""
+    parser = argparse.ArgumentParser(prog="python -m gpt2lab.course grade", description="run submitted notebooks, "
+                                     "collect their checks, report crashes, timeouts and tampering (grades.csv, "
+                                     "grades.md)")
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
 def main(args) -> int:
     """`python -m gpt2lab.course grade`: grade, write grades.csv and grades.md, print the Markdown."""
-    try:  # caught here: under `python -m gpt2lab.course`, course's own CourseError is __main__'s, not this one
+    try:
         if args.timeout <= 0:
             raise GradeError(f"--timeout {args.timeout:g}: give a positive number of seconds per notebook, e.g. 300")
         rows = grade(args.paths or [course.NOTEBOOKS], args.solutions, args.timeout)

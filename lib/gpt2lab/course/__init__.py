@@ -50,7 +50,7 @@ from pathlib import Path
 
 import nbformat
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]  # lib/gpt2lab/course/__init__.py
 SOLUTIONS = REPO_ROOT / "solutions"
 NOTEBOOKS = REPO_ROOT / "notebooks"
 BACKUPS = ".backup"  # inside notebooks/
@@ -480,14 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--notebooks", type=Path, default=NOTEBOOKS, help="default: notebooks/ of this repo")
     e = sub.add_parser("execute", help="re-run solution notebooks in place")
     e.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook in solutions/")
-    from . import grading
-
-    grading.add_arguments(sub.add_parser("grade", help="run submitted notebooks, collect their checks, report "
-                                         "crashes, timeouts and tampering (grades.csv, grades.md)"))
     args = parser.parse_args(argv)
     try:
-        if args.command == "grade":
-            return grading.main(args)
         if args.command == "execute":
             execute(args.notebooks or solution_notebooks(SOLUTIONS))
             return 0
@@ -511,7 +505,3 @@ def main(argv: list[str] | None = None) -> int:
     except CourseError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
