@@ -15,9 +15,10 @@ import nbformat
 import pytest
 import torch
 
-from gpt2lab import course, grading
+from gpt2lab import course
 from gpt2lab.checks import attention as attention_checks
 from gpt2lab.checks import core
+from gpt2lab.course import grading
 
 TINY = [
     ("markdown", "# Tiny · two exercises"),

@@ -5,7 +5,7 @@
     python -m gpt2lab.course build --check    exit 1 naming every student notebook that is out of date
     (build takes --solutions DIR --notebooks DIR to work on other folders, e.g. temporary copies)
     python -m gpt2lab.course execute [NB...]  run solutions in place (quick mode in `make solutions`)
-    python -m gpt2lab.course grade [PATH...]  grade submitted notebooks (`make grade`; see gpt2lab.grading)
+    python -m gpt2lab.course grade [PATH...]  grade submitted notebooks (`make grade`; see gpt2lab.course.grading)
 
 Used by `make student`, `make test` and `make solutions`. Solution regions are marked the nbgrader way; each
 becomes a stub at the same indentation:

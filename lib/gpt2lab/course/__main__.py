@@ -1,12 +1,14 @@
 """`python -m gpt2lab.course {build,execute,grade} ...`: the course's command line.
 
-`build` and `execute` are this package's (gpt2lab.course.main); `grade` is gpt2lab.grading's, which builds on
-gpt2lab.course (it grades the handouts course makes). Dispatching here, above both, keeps the imports one way.
+`build` and `execute` are this package's (gpt2lab.course.main); `grade` is gpt2lab.course.grading's, which builds on
+the handout machinery (it grades the handouts course makes). Dispatching here, above both, keeps the imports one
+way.
 """
 
 import sys
 
-from gpt2lab import course, grading
+from gpt2lab import course
+from gpt2lab.course import grading
 
 
 def main(argv: list[str] | None = None) -> int:

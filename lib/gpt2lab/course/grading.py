@@ -59,7 +59,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import course
+from .. import course
 
 OUT = course.REPO_ROOT / "build" / "grades"
 TIMEOUT = 300  # seconds per notebook; quick mode runs each in well under a minute
@@ -364,7 +364,8 @@ _FRESH: dict[tuple, dict] = {}  # fresh fingerprints by (python, names, library 
 
 def fresh_fingerprints(names: list[str], python: str, env: dict, cwd: Path) -> dict:
     """library_fingerprints(names) in a fresh process (kept until the library's files change, as while editing it)."""
-    newest = max(p.stat().st_mtime_ns for p in Path(__file__).parent.rglob("*.py"))
+    library = Path(__file__).parents[1]  # lib/gpt2lab/
+    newest = max(p.stat().st_mtime_ns for p in library.rglob("*.py"))
     key = (python, tuple(names), newest)
     if key not in _FRESH:
         code = (_PROBES["library_fingerprints"] + "\nimport json, sys\n"
