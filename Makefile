@@ -9,6 +9,8 @@ STAMP    := $(VENV)/.gpt2lab-installed
 LAB_ARGS ?=
 # make test runs pytest in 2 processes (pytest-xdist): most of the suite is notebook kernels running Python code on one
 # core each; each file stays in one process (--dist loadfile), so a notebook's cells run in order in one kernel.
+# One torch thread per process (OMP_NUM_THREADS=1, in make solutions too, so the stored outputs come from the same
+# arithmetic): two processes with two threads each on two cores spend most of their time waiting for each other.
 TEST_WORKERS ?= 2
 # Jupyter refuses to run as root unless told; containers and cloud notebooks often are root.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
@@ -52,7 +54,7 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m gpt2lab.course build --check
-	GPT2LAB_QUICK=1 MPLBACKEND=Agg $(PY) -m pytest tests solutions --nbval-lax --nbval-current-env -p no:cacheprovider \
+	OMP_NUM_THREADS=1 GPT2LAB_QUICK=1 MPLBACKEND=Agg $(PY) -m pytest tests solutions --nbval-lax --nbval-current-env -p no:cacheprovider \
 	  -n $(TEST_WORKERS) --dist loadfile
 
 # Keeps the answers in notebooks/, or refuses naming the cells; FORCE=1 backs up to notebooks/.backup/, then writes.
@@ -60,7 +62,7 @@ student: $(STAMP)
 	$(PY) -m gpt2lab.course build $(if $(FORCE),--force,)
 
 solutions: $(STAMP)
-	GPT2LAB_QUICK=1 $(PY) -m gpt2lab.course execute
+	OMP_NUM_THREADS=1 GPT2LAB_QUICK=1 $(PY) -m gpt2lab.course execute
 	$(PY) -m gpt2lab.course build
 
 bench: $(STAMP)
