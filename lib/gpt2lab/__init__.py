@@ -4,7 +4,8 @@ Every module here is the one importable copy of something a notebook builds; eac
 names that notebook. Layers (each imports only from the ones before it):
 data, weights (finding GPT-2 checkpoints: local folder, Hugging Face cache, hub), tokenizer, metrics -> attention
 -> model -> generate; optim and lora (no GPT-2 knowledge); smart; tasks and runs (run names, locks, checkpoint
-files) -> train -> experiments -> bench. `checks` and `course` serve the notebooks and tooling.
+files) -> train -> experiments -> bench. `checks` (the exercises' feedback) and `course` (handouts from the
+solutions, and the grader: `python -m gpt2lab.course build|execute|grade`) serve the notebooks and tooling.
 """
 
 from .environment import Setup, setup
