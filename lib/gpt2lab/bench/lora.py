@@ -157,28 +157,40 @@ def measure(setting: str, args) -> dict:
             "how": memory.how}  # fmt: skip
 
 
-def _measure_isolated(setting: str, args) -> dict:
-    """`measure` in a fresh python process, so that this setting's peak memory is its own."""
-    argv = [sys.executable, "-m", "gpt2lab.bench", "lora", "--one", setting, "--config", args.config, "--device",
-            args.device, "--batch", str(args.batch), "--seq", str(args.seq), "--targets", args.targets,
-            "--repeats", str(args.repeats), "--no-isolate"]  # fmt: skip
-    argv += ["--amp"] * args.amp + (["--threads", str(args.threads)] if args.threads else [])
-    done = subprocess.run(argv, capture_output=True, text=True)
+def run_isolated(suite: str, setting: str, argv: list[str]) -> dict:
+    """`measure(setting)` of `python -m gpt2lab.bench <suite>` in a fresh python process, so that its peak memory is
+    its own; `argv` holds the suite's other options. The child prints one `RESULT <json>` line."""
+    command = [sys.executable, "-m", "gpt2lab.bench", suite, "--one", setting, *argv, "--no-isolate"]
+    done = subprocess.run(command, capture_output=True, text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode or not lines:
         raise SystemExit(f"setting {setting} failed in its own process: {(done.stderr or done.stdout).strip()[-500:]}")
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def with_threads(threads: int | None, run, args) -> int:
+    """run(args) with torch on `threads` threads (None: as it is), then the thread count as it was: a bench's main
+    may run inside another program (the tests)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure_isolated(setting: str, args) -> dict:
+    size = ["--tiny"] if args.tiny else ["--config", args.config]  # "tiny" is no config name: pass the flag on
+    argv = [*size, "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq),
+            "--targets", args.targets, "--repeats", str(args.repeats)]  # fmt: skip
+    argv += ["--amp"] * args.amp + (["--threads", str(args.threads)] if args.threads else [])
+    return run_isolated("lora", setting, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv or [])
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return _main(args)
-    finally:
-        torch.set_num_threads(threads)  # as it was: main may run inside another program (the tests)
+    return with_threads(args.threads, _main, args)
 
 
 def _main(args) -> int:

@@ -21,13 +21,12 @@ import contextlib
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-from .lora import _current_mb, _lifetime_peak_mb, _sync
+from .lora import _current_mb, _lifetime_peak_mb, _sync, run_isolated, with_threads
 
 SETTINGS = ("adamw", "adaprelora", "adaprelora-sgd", "adaprelora-gram", "scaled-adamw")
 
@@ -96,16 +95,10 @@ def measure(setting: str, args) -> dict:
 
 
 def _measure_isolated(setting: str, args) -> dict:
-    """`measure` in a fresh python process, so that this setting's peak memory is its own."""
-    argv = [sys.executable, "-m", "gpt2lab.bench.lora_optim", "--one", setting, "--device", args.device, "--batch",
-            str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank), "--repeats", str(args.repeats),
-            "--no-isolate"] + ["--amp"] * args.amp + ["--tiny"] * args.tiny  # fmt: skip
+    argv = ["--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
+            "--repeats", str(args.repeats)] + ["--amp"] * args.amp + ["--tiny"] * args.tiny  # fmt: skip
     argv += ["--threads", str(args.threads)] if args.threads else []
-    done = subprocess.run(argv, capture_output=True, text=True)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if done.returncode or not lines:
-        raise SystemExit(f"setting {setting} failed in its own process: {(done.stderr or done.stdout).strip()[-500:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_isolated("lora_optim", setting, argv)
 
 
 def _parse(argv):
@@ -138,13 +131,7 @@ def _parse(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv or [])
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return _main(args)
-    finally:
-        torch.set_num_threads(threads)
+    return with_threads(args.threads, _main, args)
 
 
 def _main(args) -> int:
