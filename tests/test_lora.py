@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_gpt2 import pair
+from tiny_tasks import ToyTask
 
 from gpt2lab import lora
 from gpt2lab.lora import LoRAError, LoRALinear, add_lora, lora_pairs, lora_state_dict, merge, unmerge
 from gpt2lab.model import GPT2, GPT2Config, lm_loss
-from gpt2lab.tasks import SonnetTask
 from gpt2lab.train import TrainConfig, train
 
 ATOL = 1e-5
@@ -450,29 +450,6 @@ def test_on_cuda_factors_follow_the_base_and_merge_is_exact():
 
 
 # ---------------------------------------------------------------------------------------- training through the loop
-
-
-class CharTokenizer:
-    """Characters as tokens (ids 0..62), 63 = end of text / padding."""
-
-    eos_token_id = pad_token_id = 63
-    vocab_size = 64
-
-    def encode(self, text):
-        return [ord(c) % 63 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i + 32) for i in ids)
-
-
-class ToyTask(SonnetTask):
-    def __init__(self, n_train=10):
-        texts = [f"line {i}: shall I compare thee to a summer's day {i * 7}" for i in range(n_train)]
-        super().__init__(CharTokenizer(), texts, ["dev a", "dev b"], ["dev sonnet one", "dev sonnet two"],
-                         max_length=48, metric="dev_loss")  # fmt: skip
-
-    def evaluate(self, model):
-        return {"dev_loss": self.dev_loss(model)}
 
 
 def tiny_train_model(seed=0):

@@ -10,6 +10,7 @@ import io
 import pytest
 import torch
 from pytorch_optimizer import SOAP as ReferenceSOAP
+from tiny_tasks import ToyTask
 
 from gpt2lab.model import GPT2, GPT2Config
 from gpt2lab.optim import SOAP, decay_groups
@@ -286,27 +287,8 @@ def tiny_gpt2(seed=0):
     return GPT2(GPT2Config.tiny(vocab_size=64, n_positions=48, n_embd=32, n_head=2, dropout=0.1))
 
 
-class CharTokenizer:
-    eos_token_id = pad_token_id = 63
-    vocab_size = 64
-
-    def encode(self, text):
-        return [ord(c) % 63 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i + 32) for i in ids)
-
-
 def char_task():
-    from gpt2lab.tasks import SonnetTask
-
-    class Task(SonnetTask):
-        def evaluate(self, model):
-            return {"dev_loss": self.dev_loss(model)}
-
-    texts = [f"line {i}: shall I compare thee to a summer's day {i * 7}" for i in range(10)]
-    return Task(CharTokenizer(), texts, ["dev a", "dev b"], ["dev sonnet one", "dev sonnet two"], max_length=48,
-                metric="dev_loss")
+    return ToyTask()
 
 
 def make_soap(model, lr):

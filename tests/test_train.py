@@ -14,35 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_tasks import ToyTask
 
 from gpt2lab.model import GPT2, GPT2Config
-from gpt2lab.tasks import SonnetTask
 from gpt2lab.train import Callback, TrainConfig, epoch_order, train
-
-
-class CharTokenizer:
-    """Characters as tokens (ids 0..62), 63 = end of text / padding: a 64-token vocabulary."""
-
-    eos_token_id = pad_token_id = 63
-    vocab_size = 64
-
-    def encode(self, text):
-        return [ord(c) % 63 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i + 32) for i in ids)
-
-
-class ToyTask(SonnetTask):
-    """SonnetTask on characters; evaluation is the dev loss (no sampling), so early stopping watches it."""
-
-    def __init__(self, n_train=10):
-        texts = [f"line {i}: shall I compare thee to a summer's day {i * 7}" for i in range(n_train)]
-        super().__init__(CharTokenizer(), texts, ["dev a", "dev b"], ["dev sonnet one", "dev sonnet two"],
-                         max_length=48, metric="dev_loss")
-
-    def evaluate(self, model):
-        return {"dev_loss": self.dev_loss(model)}
 
 
 def toy_model(seed=0):
