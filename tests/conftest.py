@@ -41,3 +41,15 @@ def tokenizer():
     from gpt2lab import tokenizer as tok
 
     return tok.load()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny-model tests: a second thread only adds overhead, and much more on a
+    shared, busy machine (a spinning thread pool). `pytestmark = pytest.mark.usefixtures("one_thread")` asks for it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ from gpt2lab.optim.adamw import adamw_foreach, adamw_single_tensor
 GOLDEN_THETA3 = [0.98940921, -1.99467039, 2.97896743]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread only adds overhead (and suffers most on a shared, busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def golden(make) -> torch.Tensor:

@@ -29,12 +29,7 @@ from gpt2lab.train import optimizer_state_bytes, train
 EXACT = dict(delta_rel=0.0, delta_abs=0.0)  # the undamped formula
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def problem(m=7, n=5, r=2, seed=0):

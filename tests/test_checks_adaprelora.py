@@ -9,13 +9,7 @@ from check_helpers import NOT_YET, assert_mistake_line, assert_passes, stub
 
 from gpt2lab.checks import adaprelora as check
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------ the notebook's answers

@@ -22,13 +22,7 @@ ATOL = 1e-5
 V = 1000  # vocabulary of the tiny models (smaller than GPT-2's: faster, same code paths)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a shared machine (no spinning thread pool)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(seed=0, **overrides) -> GPT2:

@@ -13,13 +13,7 @@ from gpt2lab.optim.adaprelora import LoRAOptimizerError, factor_update
 from gpt2lab.optim.lora_baselines import LoRAPlus, ScaledAdamW, ScaledGD, lora_plus_groups, scaled_gradients
 from gpt2lab.train import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def factors(m=7, n=5, r=2, seed=0):

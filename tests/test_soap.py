@@ -17,13 +17,7 @@ from gpt2lab.optim import SOAP, decay_groups
 from gpt2lab.optim.soap import merged_shape, project, project_back
 from gpt2lab.train import TrainConfig, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 RENAMED = {"max_precond_dim": "max_precondition_dim", "normalize_grads": "normalize_gradient"}  # pytorch_optimizer's
