@@ -4,7 +4,8 @@ A notebook does `from gpt2lab.checks import welcome as check` and, after an exer
 The shared machinery is in `core`: the result type, `check` (stub -> "not implemented yet", a crash -> a ✗ naming
 the student's line), `expect`, `compare` (element, expected vs got, max |diff|; tuple and dtype hints),
 `compare_with_hints` (a known mistake's output -> its hint; `known_mistake`: the hint alone), `untouched` (inputs
-modified in place), `gradients` / `compare_gradients` (a trained exercise must pass gradients on), `earlier_stubs`.
+modified in place; `new_tensors` for exercises that return new ones), `returned_pair`, `gradients` /
+`compare_gradients` (a trained exercise must pass gradients on), `earlier_stubs`.
 
 THE RULES for every check (learned on notebooks 00-04, where plausible wrong answers slipped through; apply them to
 05-09). A check is only as good as the inputs it runs on and the way it runs the code:
@@ -43,7 +44,9 @@ from .core import (
     fail,
     gradients,
     known_mistake,
+    new_tensors,
     ok,
+    returned_pair,
     untouched,
 )
 
@@ -58,6 +61,8 @@ __all__ = [
     "fail",
     "known_mistake",
     "gradients",
+    "new_tensors",
     "ok",
+    "returned_pair",
     "untouched",
 ]

@@ -16,7 +16,17 @@ import contextlib
 
 import torch
 
-from .core import _close, check, compare, compare_with_hints, earlier_stubs, expect, known_mistake, untouched
+from .core import (
+    _close,
+    check,
+    compare,
+    compare_with_hints,
+    earlier_stubs,
+    expect,
+    known_mistake,
+    returned_pair,
+    untouched,
+)
 
 GOLDEN = dict(  # a three-step example computed by hand (float32)
     theta0=[1.0, -2.0, 3.0],
@@ -33,11 +43,6 @@ def _rand(*shape, seed: int, positive: bool = False) -> torch.Tensor:
     return x
 
 
-def _pair(got, what: str) -> tuple:
-    expect(isinstance(got, tuple | list) and len(got) == 2, f"return a pair ({what}), got {type(got).__name__}")
-    return tuple(got)
-
-
 def _untouched_returning(what: str, **tensors):
     return untouched(f"return new tensors ({what}); the caller's tensors must stay as they were (no *=, -=, mul_, "
                      "add_ on them)", **tensors)
@@ -49,7 +54,7 @@ def update_moments(fn):
     for seed, (beta1, beta2) in enumerate([(0.9, 0.999), (0.6, 0.75)]):
         m, v, g = _rand(4, 3, seed=seed), _rand(4, 3, seed=seed + 10, positive=True), _rand(4, 3, seed=seed + 20)
         with _untouched_returning("m = beta1 * m + ...", m=m, v=v, g=g):
-            got_m, got_v = _pair(fn(m, v, g, beta1, beta2), "m, v")
+            got_m, got_v = returned_pair(fn(m, v, g, beta1, beta2), "m, v")
         m_new, v_new = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
         expect(not (_close(got_m, v_new, 1e-9) and _close(got_v, m_new, 1e-9)),
                "the pair is in the wrong order: return (m, v)")
@@ -71,7 +76,7 @@ def bias_correction(fn):
     m, v = _rand(5, seed=1), _rand(5, seed=2, positive=True)
     for beta1, beta2, t in [(0.9, 0.999, 10), (0.9, 0.999, 1), (0.8, 0.95, 25)]:
         with _untouched_returning("m_hat = m / (1 - beta1**t)", m=m, v=v):
-            got_m, got_v = _pair(fn(m, v, beta1, beta2, t), "m_hat, v_hat")
+            got_m, got_v = returned_pair(fn(m, v, beta1, beta2, t), "m_hat, v_hat")
         wrong_m = {f"m_hat at t={t}: divide by 1 − β1^t, not multiply": m * (1 - beta1**t)}
         if t > 1:  # at t = 1 the power and the product agree, and β^(t−1) = β^0 divides by zero
             wrong_m[f"m_hat at t={t}: use β1^t (a power), not β1·t"] = m / (1 - beta1 * t)

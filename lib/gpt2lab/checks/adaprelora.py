@@ -20,7 +20,17 @@ from __future__ import annotations
 
 import torch
 
-from .core import _close, check, compare, compare_with_hints, earlier_stubs, expect, known_mistake, untouched
+from .core import (
+    _close,
+    check,
+    compare,
+    compare_with_hints,
+    earlier_stubs,
+    expect,
+    known_mistake,
+    new_tensors,
+    returned_pair,
+)
 
 M, N, R = 7, 5, 3  # W is (M, N); A (R, N), B (M, R)
 SCALE = 2.5
@@ -43,15 +53,6 @@ def _problem(seed: int = 0):
     return A, B, G, p, q
 
 
-def _pair(got, what: str) -> tuple:
-    expect(isinstance(got, tuple | list) and len(got) == 2, f"return a pair ({what}), got {type(got).__name__}")
-    return tuple(got)
-
-
-def _keep(what: str, **tensors):
-    return untouched(f"return new tensors ({what}); the caller's tensors must stay as they were", **tensors)
-
-
 # ------------------------------------------------------------------------------------------- 1. the statistics
 
 
@@ -61,8 +62,8 @@ def update_statistics(fn):
     for seed, beta2 in ((0, 0.999), (1, 0.5)):
         row, col = _rand(M, seed=seed).abs(), _rand(N, seed=seed + 5).abs()
         G = _rand(M, N, seed=seed + 9)
-        with _keep("row_sq = beta2 * row_sq + ...", row_sq=row, col_sq=col, G=G):
-            got_row, got_col = _pair(fn(row, col, G, beta2), "row_sq, col_sq")
+        with new_tensors("row_sq = beta2 * row_sq + ...", row_sq=row, col_sq=col, G=G):
+            got_row, got_col = returned_pair(fn(row, col, G, beta2), "row_sq, col_sq")
         S = G * G
         exp_row, exp_col = beta2 * row + (1 - beta2) * S.sum(1), beta2 * col + (1 - beta2) * S.sum(0)
         for got in (got_row, got_col):
@@ -103,8 +104,8 @@ def preconditioner(fn):
     for _ in range(step):  # statistics of a real stream: ‖ℓ‖₁ = ‖c‖₁
         G = torch.randn(M, N, generator=g, dtype=torch.float64) * torch.linspace(0.3, 2.0, N, dtype=torch.float64)
         row, col = beta2 * row + (1 - beta2) * (G * G).sum(1), beta2 * col + (1 - beta2) * (G * G).sum(0)
-    with _keep("ell_hat = row_sq / (1 - beta2**step)", row_sq=row, col_sq=col):
-        p, q = _pair(fn(row, col, step, beta2), "p, q")
+    with new_tensors("ell_hat = row_sq / (1 - beta2**step)", row_sq=row, col_sq=col):
+        p, q = returned_pair(fn(row, col, step, beta2), "p, q")
     for name, got, size in (("p", p, M), ("q", q, N)):
         expect(torch.is_tensor(got), f"{name} should be a tensor, got {type(got).__name__}")
         expect(tuple(got.shape) == (size,), f"{name} has shape {tuple(got.shape)}, expected ({size},): p has one "
@@ -180,7 +181,7 @@ def tangent_projection(fn):
     """fn(A, B, Z, p, q) -> T* (m, n): the H-orthogonal projection of Z onto {B X + Y A}."""
     A, B, G, p, q = _problem(0)
     Z = G / torch.outer(p, q)
-    with _keep("T = ...", A=A, B=B, Z=Z, p=p, q=q):
+    with new_tensors("T = ...", A=A, B=B, Z=Z, p=p, q=q):
         T = fn(A, B, Z, p, q)
     _, _, expected = _brute_force(A, B, Z, p, q)
     P, Q = torch.diag(p), torch.diag(q)
@@ -210,8 +211,8 @@ def balanced_update(fn):
     """fn(A, B, G_A, G_B, p, q) -> (dA (r, n), dB (m, r)): the balanced minimiser (s = 1, no damping)."""
     A, B, G, p, q = _problem(1)
     G_A, G_B = B.T @ G, G @ A.T
-    with _keep("dA = ...", A=A, B=B, G_A=G_A, G_B=G_B, p=p, q=q):
-        dA, dB = _pair(fn(A, B, G_A, G_B, p, q), "dA, dB")
+    with new_tensors("dA = ...", A=A, B=B, G_A=G_A, G_B=G_B, p=p, q=q):
+        dA, dB = returned_pair(fn(A, B, G_A, G_B, p, q), "dA, dB")
     for name, got, shape in (("dA", dA, (R, N)), ("dB", dB, (M, R))):
         expect(torch.is_tensor(got), f"{name} should be a tensor, got {type(got).__name__}")
         expect(not (tuple(dA.shape) == (M, R) and tuple(dB.shape) == (R, N)), "the pair is in the wrong order: "
@@ -262,8 +263,8 @@ def _lora_update(fn):
     A, B, G, p, q = _problem(2)
     s = SCALE
     grad_A, grad_B = s * B.T @ G, s * G @ A.T  # what autograd gives for W = W0 + s B A
-    with _keep("dA = ... / scale**2", A=A, B=B, grad_A=grad_A, grad_B=grad_B, p=p, q=q):
-        dA, dB = _pair(fn(A, B, grad_A, grad_B, p, q, s), "dA, dB")
+    with new_tensors("dA = ... / scale**2", A=A, B=B, grad_A=grad_A, grad_B=grad_B, p=p, q=q):
+        dA, dB = returned_pair(fn(A, B, grad_A, grad_B, p, q, s), "dA, dB")
     exp_A, exp_B, T = _balanced_reference(A, B, G / torch.outer(p, q), p, q)
     exp_A, exp_B = exp_A / s, exp_B / s  # balanced(∇)·s⁻² = balanced(G)·s⁻¹
     expect(torch.is_tensor(dA) and torch.is_tensor(dB), "return two tensors (dA, dB)")
@@ -292,8 +293,8 @@ def scaled_gradients(fn):
     """fn(A, B, grad_A, grad_B) -> ((BᵀB)⁻¹ grad_A, grad_B (AAᵀ)⁻¹)."""
     A, B, G, _, _ = _problem(3)
     grad_A, grad_B = B.T @ G, G @ A.T
-    with _keep("gA = ...", A=A, B=B, grad_A=grad_A, grad_B=grad_B):
-        gA, gB = _pair(fn(A, B, grad_A, grad_B), "gA, gB")
+    with new_tensors("gA = ...", A=A, B=B, grad_A=grad_A, grad_B=grad_B):
+        gA, gB = returned_pair(fn(A, B, grad_A, grad_B), "gA, gB")
     for name, got, shape in (("gA", gA, (R, N)), ("gB", gB, (M, R))):
         expect(torch.is_tensor(got), f"{name} should be a tensor, got {type(got).__name__}")
         expect(tuple(got.shape) == shape, f"{name} has shape {tuple(got.shape)}, expected {shape}")

@@ -295,3 +295,16 @@ def untouched(hint: str = "", **tensors):
     for name, t in tensors.items():
         same = t.shape == before[name].shape and bool((t.detach() == before[name]).all())
         expect(same, f"you modified {name} in place{': ' + hint if hint else ''}")
+
+
+def returned_pair(got, what: str) -> tuple:
+    """✗ "return a pair (WHAT), got TYPE" unless the student's function returned two things; the pair as a tuple.
+    Used by the checks of notebooks 03, 07 and 08."""
+    expect(isinstance(got, tuple | list) and len(got) == 2, f"return a pair ({what}), got {type(got).__name__}")
+    return tuple(got)
+
+
+def new_tensors(what: str, **tensors):
+    """`untouched` for an exercise that must return new tensors (WHAT) and leave the caller's as they were.
+    Used by the checks of notebooks 07 and 08."""
+    return untouched(f"return new tensors ({what}); the caller's tensors must stay as they were", **tensors)

@@ -21,7 +21,8 @@ from .core import (
     earlier_stubs,
     expect,
     known_mistake,
-    untouched,
+    new_tensors,
+    returned_pair,
 )
 
 DT = torch.float64
@@ -45,15 +46,6 @@ def _spd(n: int, seed: int, spread: float = 10.0) -> torch.Tensor:
     return q @ torch.diag(spread ** torch.linspace(1, 0, n, dtype=DT)) @ q.T
 
 
-def _pair(got, what: str) -> tuple:
-    expect(isinstance(got, tuple | list) and len(got) == 2, f"return a pair ({what}), got {type(got).__name__}")
-    return tuple(got)
-
-
-def _untouched(what: str, **tensors):
-    return untouched(f"return new tensors ({what}); the caller's tensors must stay as they were", **tensors)
-
-
 # --- exercise 1: the Kronecker factors --------------------------------------------------------------------------------
 
 
@@ -64,14 +56,14 @@ def update_factors(fn):
     for seed, (m, n, beta) in enumerate(cases):
         G = _randn(m, n, seed=10 + seed) + 0.5 * torch.arange(n, dtype=DT)  # non-symmetric even when square
         L, R = _spd(m, 20 + seed), _spd(n, 30 + seed)
-        with _untouched("L = beta * L + ...", L=L, R=R, G=G):
+        with new_tensors("L = beta * L + ...", L=L, R=R, G=G):
             try:
                 result = fn(L, R, G, beta)
             except RuntimeError as err:  # shapes that do not fit: almost always a transposed product
                 expect("size of tensor" not in str(err), f"your code raised RuntimeError: {err}"
                        f"{_last_user_frame(err)}; with a {m}×{n} G, L is {m}×{m} (G @ G.T) and R is {n}×{n} (G.T @ G)")
                 raise
-            got_L, got_R = _pair(result, "L, R")
+            got_L, got_R = returned_pair(result, "L, R")
         ggt, gtg = G @ G.T, G.T @ G
         L_new, R_new = beta * L + (1 - beta) * ggt, beta * R + (1 - beta) * gtg
         label = f"{m}×{n} gradient, beta {beta}"
@@ -106,7 +98,7 @@ def eigenbasis(fn):
     """fn(S) -> Q: eigenvectors of the symmetric S as columns, largest eigenvalue first."""
     for seed, (n, spread) in enumerate([(5, 10.0), (4, 1e3)]):
         S = _spd(n, 40 + seed, spread)
-        with _untouched("Q = ...", S=S):
+        with new_tensors("Q = ...", S=S):
             got = fn(S)
         expect(not isinstance(got, tuple | list), "return the eigenvectors only (a matrix): torch.linalg.eigh "
                                                   "returns (eigenvalues, eigenvectors)")
@@ -151,7 +143,7 @@ def _rotation_cases():
 def rotations(rotate, rotate_back):
     """rotate(G, QL, QR) -> QLᵀ G QR; rotate_back(X, QL, QR) -> QL X QRᵀ; a None basis leaves its side alone."""
     G, QL, QR = _rotation_cases()
-    with _untouched("G_rot = QL.T @ G @ QR", G=G, QL=QL, QR=QR):
+    with new_tensors("G_rot = QL.T @ G @ QR", G=G, QL=QL, QR=QR):
         got = rotate(G, QL, QR)
     compare_with_hints("rotate(G, QL, QR)", got, QL.T @ G @ QR, 1e-9, [
         ("rotate goes INTO the eigenbasis: Q_Lᵀ G Q_R (you computed Q_L G Q_Rᵀ, the way back)", QL @ G @ QR.T),
@@ -160,7 +152,7 @@ def rotations(rotate, rotate_back):
         ("rotate both sides: Q_Lᵀ G Q_R (yours rotates the left side only)", QL.T @ G),
         ("rotate both sides: Q_Lᵀ G Q_R (yours rotates the right side only)", G @ QR)])
     X = _randn(5, 3, seed=53)
-    with _untouched("X_back = QL @ X @ QR.T", X=X, QL=QL, QR=QR):
+    with new_tensors("X_back = QL @ X @ QR.T", X=X, QL=QL, QR=QR):
         back = rotate_back(X, QL, QR)
     compare_with_hints("rotate_back(X, QL, QR)", back, QL @ X @ QR.T, 1e-9, [
         ("rotate_back must undo rotate: Q_L X Q_Rᵀ (yours rotates forward again, Q_Lᵀ X Q_R)", QL.T @ X @ QR),
@@ -246,7 +238,7 @@ def _soap_update_check(fn):
         p, G = _randn(5, 3, seed=seed), _randn(5, 3, seed=seed + 1) * torch.tensor([3.0, 0.3, 1.0], dtype=DT)
         M, V = 0.1 * _randn(5, 3, seed=seed + 2), 0.05 * torch.rand(5, 3, generator=_gen(seed + 3), dtype=DT)
         QL, QR = _orthogonal(5, seed + 4), _orthogonal(3, seed + 5) if with_right else None
-        with _untouched("p = p - ..., not p -= ...", p=p, G=G, M=M, V=V):
+        with new_tensors("p = p - ..., not p -= ...", p=p, G=G, M=M, V=V):
             got = fn(p, G, M, V, QL, QR, t, **hyper)
         expect(isinstance(got, tuple | list) and len(got) == 3, "return the triple (p, M, V)")
         expected = _soap_update(p, G, M, V, QL, QR, t, **hyper)
@@ -312,8 +304,8 @@ def refresh(fn):
         # an old basis near the eigenbasis, columns shuffled: its eigenvalue estimates are out of order
         Q = torch.linalg.qr(true + 0.15 * _randn(5, 5, seed=seed + 1)).Q[:, torch.tensor([3, 0, 4, 1, 2])]
         V = torch.rand(5, 5, generator=_gen(seed + 2), dtype=DT) + torch.arange(5, dtype=DT)[:, None]  # not symmetric
-        with _untouched("Q_new = ..., V_new = V.index_select(...)", S=S, Q=Q, V=V):
-            got_Q, got_V = _pair(fn(S, Q, V, dim), "Q_new, V_new")
+        with new_tensors("Q_new = ..., V_new = V.index_select(...)", S=S, Q=Q, V=V):
+            got_Q, got_V = returned_pair(fn(S, Q, V, dim), "Q_new, V_new")
         exp_Q, exp_V = _refresh(S, Q, V, dim)
         compare(f"the shape of Q_new ({label})", torch.tensor(torch.as_tensor(got_Q).shape), torch.tensor([5, 5]))
         got_Q = torch.as_tensor(got_Q).to(DT)
