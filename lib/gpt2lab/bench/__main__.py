@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-SUITES = ("model", "optim", "lora", "smart", "lora_optim")
+SUITES = ("model", "optim", "lora", "smart", "lora_optim", "train")
 
 
 def main(argv: list[str] | None = None) -> int:
