@@ -23,12 +23,13 @@ ifeq ($(origin GPT2LAB_DATA), undefined)
   endif
 endif
 
-.PHONY: lab test lint student solutions bench grade help
+.PHONY: lab test lint student solutions bench grade experiments help
 help:
 	@echo "make lab       open the course in JupyterLab (notebooks/00_welcome.ipynb)"
 	@echo "make test      lint, check notebooks/ is in step, run pytest and nbval (quick mode)"
 	@echo "make student   regenerate notebooks/ from solutions/, keeping your answers (FORCE=1: backup, then write)"
 	@echo "make solutions re-execute solutions/ in quick mode (refreshes the outputs nbval checks)"
+	@echo "make experiments  every method on both tasks over seeds, then the report (GPU: full grid; CPU: quick grid)"
 	@echo "make bench     our GPT-2 and AdamW against transformers and torch.optim, side by side (ratios)"
 	@echo "make grade     run your notebooks/ as the grader does and show where you stand (build/grades/)"
 
@@ -68,3 +69,11 @@ solutions: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m gpt2lab.bench model $(BENCH_ARGS)
 	$(PY) -m gpt2lab.bench optim $(BENCH_ARGS)
+
+# The main job (notebook 09): every method on both tasks over seeds, then the tables, tests and plots. On a CUDA GPU
+# the default grid at gpt2-small size (hours); elsewhere the quick grid (a tiny random model, about a minute), and the
+# first line says which. Finished runs are skipped and interrupted ones resumed: after an interruption, run it again.
+EXPERIMENTS_OUT ?= $(or $(GPT2LAB_RESULTS),results)/experiments
+experiments: $(STAMP)
+	$(PY) -m gpt2lab.experiments run --grid auto --out "$(EXPERIMENTS_OUT)" $(EXPERIMENTS_ARGS)
+	$(PY) -m gpt2lab.experiments report "$(EXPERIMENTS_OUT)"
