@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,8 +262,8 @@ def test_bad_inputs(tmp_path):
 # ------------------------------------------------------------------------------ reproducibility and run figures
 
 # measurements of the machine, not results of the run (how the peak was read depends on what the OS allowed)
-TIMES = ("train_time_s", "eval_time_s", "io_time_s", "wall_time_s", "it_per_s", "tokens_per_s", "peak_memory_mb",
-         "peak_memory_how", "finished_at")
+TIMES = ("train_time_s", "eval_time_s", "eval_times", "io_time_s", "wall_time_s", "it_per_s", "tokens_per_s",
+         "peak_memory_mb", "peak_memory_how", "finished_at")
 
 
 def test_same_config_same_weights_and_record_with_dropout():
@@ -606,3 +607,72 @@ def test_progress_false_silences_the_tasks_evaluation_bars():
     assert quiet.seen == [False] and loud.seen == [None]  # None: the task decides (on, except in quick mode)
     # a task whose evaluate takes no options is called as before
     assert train(toy_model(), ToyTask(), torch.optim.AdamW, toy_config(None, max_steps=3))["status"] == "completed"
+
+
+# ------------------------------------------------------------------- notebook 09: the fields added for the GPU path
+
+
+def test_new_result_fields_keep_old_run_names_at_their_defaults(tmp_path):
+    """Runs named before length_batching existed keep their names: at its default it is not in the identity."""
+    from gpt2lab.train import RESULT_FIELDS, identity_config
+
+    before = ("batch_size", "lr", "warmup_steps", "schedule", "grad_clip", "amp", "seed", "method")  # the old set
+    assert list(identity_config(TrainConfig())) == list(before)
+    assert "length_batching" in RESULT_FIELDS
+    assert "length_batching" in identity_config(TrainConfig(length_batching=True))
+    names = [train(toy_model(), ToyTask(), torch.optim.AdamW, toy_config(tmp_path / str(i), run_name=None,
+                                                                         max_steps=1, evaluate=False, **kw))["run_name"]
+             for i, kw in enumerate([{}, {"length_batching": True}])]
+    assert names[0] != names[1]
+
+
+def test_resume_treats_a_checkpoint_without_length_batching_as_false(tmp_path):
+    train(toy_model(), ToyTask(), torch.optim.AdamW, toy_config(tmp_path, max_steps=2))
+    path = tmp_path / "toy" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["config"]["length_batching"], ckpt["config"]["compile"]  # as written before the fields existed
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="length_batching False -> True"):
+        train(toy_model(), ToyTask(), torch.optim.AdamW, toy_config(tmp_path, resume=True, length_batching=True))
+    record = train(toy_model(), ToyTask(), torch.optim.AdamW, toy_config(tmp_path, resume=True, max_steps=4))
+    assert record["resumed_from_step"] == 2 and record["steps"] == 4
+
+
+def test_record_has_world_size_and_the_time_of_every_evaluation(uninterrupted):
+    _, record = uninterrupted
+    assert record["world_size"] == 1
+    times = record["eval_times"]
+    assert [t["step"] for t in times] == [e["step"] for e in record["evals"]]
+    for key in ("train_time_s", "wall_time_s"):
+        assert all(0 < a[key] <= b[key] for a, b in zip(times, times[1:]))
+    assert times[-1]["train_time_s"] <= record["train_time_s"] and times[-1]["wall_time_s"] <= record["wall_time_s"]
+    assert all(t["train_time_s"] < t["wall_time_s"] for t in times)  # wall time also counts the evaluations
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not (shutil.which("cc") or shutil.which("gcc")),
+                    reason="torch.compile on the CPU needs Linux and a C compiler")
+def test_compile_trains_like_eager_and_keeps_hooks():
+    """compile=True: the same steps as eager up to float rounding, with a forward hook on a module inside a block
+    (it halves the MLP's output) in effect at every step. Equal-length examples, no evaluation, dropout off (compiled
+    dropout draws other masks): one compilation."""
+
+    class Equal(ToyTask):  # every example 12 tokens: one shape
+        def __init__(self):
+            super().__init__(n_train=6)
+            self.train_set = [e[:12] for e in self.train_set]
+
+    def run(compile_):
+        torch.manual_seed(0)
+        model = GPT2(GPT2Config.tiny(vocab_size=64, n_positions=48, n_embd=32, n_head=2))
+        calls = []
+        model.transformer.h[0].mlp.register_forward_hook(lambda module, args, out: calls.append(1) or out * 0.5)
+        record = train(model, Equal(), torch.optim.AdamW, toy_config(None, epochs=1, evaluate=False, batch_size=3,
+                                                                     compile=compile_))
+        return model, [loss for _, loss in record["loss_log"]], calls
+
+    eager, compiled = run(False), run(True)
+    assert compiled[0]._compiled_call_impl is not None  # it did compile
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-5)  # a lost hook changes the loss by ~1e-2
+    for p, q in zip(eager[0].parameters(), compiled[0].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert len(compiled[2]) == len(eager[2]) == 2  # the hook ran at both steps

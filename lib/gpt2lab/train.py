@@ -51,12 +51,28 @@ folder that holds a run refuses unless `overwrite=True`.
 
 The record (record.json) holds, besides the metrics: training time and evaluation time separately (and the time
 spent writing files), it/s and tokens/s from training time only, this run's own peak memory and how it was
-measured, the optimizer's name, settings and state size in bytes, trainable and total parameters.
+measured, the optimizer's name, settings and state size in bytes, trainable and total parameters, the number of
+processes (`world_size`), and `eval_times`: one {step, train_time_s, wall_time_s} per entry of `evals` (same
+order), the cumulative training and wall seconds when that evaluation ended, for plotting a metric against time.
+(They sit beside `evals`, not inside its entries, so that two runs of one config still have equal `evals`.)
+
+GPU path (notebook 09, experiments). `amp="bf16"` autocasts on CUDA; attention is PyTorch's fused
+scaled_dot_product_attention (`gpt2lab.attention`); on CUDA every batch is collated on the CPU, pinned and copied
+with non_blocking=True. `compile=True` compiles the model in place (`compile_model`), so hooks and swapped modules
+still take effect. `length_batching=True` draws batches of similar lengths (`length_batches`) to cut padding;
+still a function of (seed, epoch), so exact resume holds.
+
+Several processes (`gpt2lab.parallel`, notebook 09). When a torch.distributed process group of N > 1 processes is
+up, `batch_size` is the global batch and each rank trains on its share; the step equals one process's on the
+whole batch up to float rounding (each rank's loss weighted by its share of the loss terms, `loss_terms`,
+gradients summed). Rank 0 evaluates, prints, holds the lock and writes every file; the others read them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import json
 import math
 import platform
@@ -70,7 +86,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import runs
+from . import parallel, runs
 from .environment import seed_everything
 from .tasks import atomic_write_text, eval_mode, model_device, to_device
 
@@ -104,6 +120,11 @@ class TrainConfig:
     log_every: int = 10  # record the training loss every N steps (for loss curves)
     progress: bool = True  # tqdm.auto progress bars
     extra: dict = field(default_factory=dict)  # free-form notes stored in the record (model name...)
+    # Notebook 09 (experiments), the GPU path:
+    length_batching: bool = False  # batches of similar lengths (less padding); see `length_batches`
+    # Compile in place (`compile_model`). Tested: CPU + float32 + one process (test_train.py, equal to eager within
+    # float rounding, hooks still fire). Needs a C compiler on the CPU. Not tested here: CUDA, bf16, several processes.
+    compile: bool = False
 
     def __post_init__(self):
         if self.schedule not in ("constant", "linear"):
@@ -115,10 +136,23 @@ class TrainConfig:
 
 
 # which config fields must match on resume, which may change, which only place the run (see the module docstring)
-RESULT_FIELDS = ("batch_size", "lr", "warmup_steps", "schedule", "grad_clip", "amp", "seed", "method")
+RESULT_FIELDS = ("batch_size", "lr", "warmup_steps", "schedule", "grad_clip", "amp", "seed", "method",
+                 "length_batching")
+# compile: how the same math is executed (equal up to float rounding), so a run compiled on a GPU may be resumed
+# uncompiled elsewhere, like a change of device
 EXTEND_FIELDS = ("epochs", "max_steps", "patience", "evaluate", "eval_every", "checkpoint_every", "restore_best",
-                 "log_every", "progress")
+                 "log_every", "progress", "compile")
 PLACE_FIELDS = ("out_dir", "run_name", "resume", "overwrite", "extra")
+# Fields added after runs were already named and stored (results folders, notebook outputs): they enter the run
+# name's identity, and are compared on resume, only when not at their default, so those runs keep their names and
+# their checkpoints (which lack the field) still resume.
+LATE_FIELDS = {"length_batching": False, "compile": False}
+
+
+def identity_config(config: TrainConfig) -> dict:
+    """The RESULT_FIELDS part of a run's identity (its name's hash); a late field only when not at its default."""
+    return {k: getattr(config, k) for k in RESULT_FIELDS
+            if k not in LATE_FIELDS or getattr(config, k) != LATE_FIELDS[k]}
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
@@ -220,6 +254,81 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example indices of one epoch: a function of (seed, epoch) only, so resuming can redo it."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def example_length(task, example) -> int:
+    """The length in tokens of one training example, for `length_batches` (notebook 09, experiments).
+
+    In order: the task's own `example_length(example)`; the example itself when it is a sequence of token ids (a
+    SonnetTask example); else the ids `task.encode(example)` gives (ParaphraseTask: the prompt's ids; its
+    (ids, was_cut) pair is unpacked).
+    """
+    own = getattr(task, "example_length", None)
+    if callable(own):
+        return int(own(example))
+    if torch.is_tensor(example) and example.dim() == 1:
+        return int(example.numel())
+    if isinstance(example, (list, tuple)) and example and all(isinstance(t, int) for t in example):
+        return len(example)
+    encode = getattr(task, "encode", None)
+    if callable(encode):
+        ids = encode(example)
+        if isinstance(ids, tuple) and len(ids) == 2 and isinstance(ids[1], bool):
+            ids = ids[0]
+        return len(ids)
+    raise TypeError(f"length_batching needs each example's length: task {getattr(task, 'name', task)!r} has no "
+                    f"example_length(example) or encode(example), and its examples ({type(example).__name__}) are "
+                    "not token ids; add example_length, or length_batching=False")
+
+
+def length_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 50) -> list[list[int]]:
+    """One epoch's batches of example indices, of similar lengths: a function of (seed, epoch) only.
+
+    Notebook 09 (experiments). The epoch's seeded order (`epoch_order`) is cut into windows of `window` batches;
+    each window is sorted by length (ties keep the random order) and cut into batches; the batch order is then
+    shuffled with a generator seeded by (seed, epoch). Every example is in exactly one batch, as many batches as
+    random batching (only the very last window's last batch can be short), and a resumed run redraws the same
+    batches. Windows (not a global sort) keep each epoch's batches different and a batch's lengths alike.
+    """
+    order = epoch_order(len(lengths), seed, epoch)
+    span = window * batch_size
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])  # stable: ties stay random
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 2 + 1)  # a stream other than epoch_order's
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def loss_terms(task, batch: dict) -> int:
+    """How many terms the task's loss on `batch` averages over: the batch's share of a global batch's normaliser.
+
+    Used by the loop with several processes (`gpt2lab.parallel`) to weight each rank's mean loss. A task may say
+    it with `loss_terms(batch)`. Otherwise: a batch with `labels` is one term per example (the cloze loss), and a
+    batch without is a language-modelling batch whose terms are the positions t whose target t + 1 is real (the
+    positions `gpt2lab.model.lm_loss` averages over: both t and t + 1 real, for any padding side).
+    """
+    own = getattr(task, "loss_terms", None)
+    if callable(own):
+        return int(own(batch))
+    if "labels" in batch:
+        return int(batch["labels"].shape[0])
+    real = batch["attention_mask"].bool()  # (B, T)
+    return int((real[:, :-1] & real[:, 1:]).sum())
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile `model` in place with `model.compile()` (notebook 09, experiments); returns it.
+
+    In place, the module tree stays: forward hooks and swapped submodules (LoRA) still take effect (dynamo guards
+    on them and recompiles after a change), and the model stays compiled after training. The whole model, not each
+    `Block`: compiling the blocks one by one lets the blocks share one compiled graph, which then drops a hook put
+    on ONE block's submodule (seen with torch 2.13; the test in test_train.py guards the whole-model way).
+    Only calls of the model itself are compiled: a task that calls other methods (ParaphraseTask's
+    `model.hidden_states` and `model.head`) runs those eagerly.
+    """
+    model.compile()
+    return model
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -341,6 +450,19 @@ def _load_weights(model: nn.Module, weights: dict, trainable_only: bool, where) 
                          f"({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''})")
 
 
+def _rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of rank > 0 (rank 0 keeps `seed`, as in one process): other dropout masks on every rank."""
+    return seed * 1_000_003 + 7919 * rank
+
+
+def _per_rank_statistics(optimizer) -> bool:
+    """Whether the optimizer gathers statistics from hooks on its own process's backward (AdaPreLoRA): such
+    statistics would be per-rank under data parallelism. An optimizer can also say so with `per_rank_statistics`."""
+    from .optim import AdaPreLoRA
+
+    return isinstance(optimizer, AdaPreLoRA) or bool(getattr(optimizer, "per_rank_statistics", False))
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -363,6 +485,8 @@ class _Run:
         self.callbacks = [c if isinstance(c, Callback) or any(hasattr(c, f"on_{e}") for e in EVENTS) else _OnStep(c)
                           for c in callbacks]
         self.device = model_device(model)
+        self.rank, self.world = parallel.rank(), parallel.world_size()  # (0, 1) without a process group
+        self.main = self.rank == 0  # evaluates, prints, holds the lock and writes every file
         self.n_train = len(task.train_set)
         if self.n_train == 0:
             raise ValueError(f"task {task.name!r} has no training examples")
@@ -373,7 +497,7 @@ class _Run:
 
         self.use_amp = config.amp is not None and self.device.type == "cuda"
         if config.amp is not None and not self.use_amp:
-            print(f"note: amp={config.amp!r} needs a CUDA device; training in float32 on {self.device.type}")
+            self._say(f"note: amp={config.amp!r} needs a CUDA device; training in float32 on {self.device.type}")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp or "", torch.float32)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and config.amp == "fp16")
 
@@ -388,11 +512,15 @@ class _Run:
         start_fingerprint = runs.weights_fingerprint(model.state_dict().items())  # the starting weights
 
         self.optimizer = build_optimizer(make_optimizer, model, config.lr)
+        if self.world > 1 and _per_rank_statistics(self.optimizer):
+            raise ValueError(f"{type(self.optimizer).__name__} cannot train with {self.world} processes: its "
+                             "row/column statistics come from hooks on this process's backward pass, so each rank "
+                             "would see only its own shard's; run it in one process")
         self.optimizer_desc = describe_optimizer(self.optimizer)  # before the scheduler rewrites the lrs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(config, self.total_steps))
 
         identity = {"task": task.name, "n_train": self.n_train, "optimizer": self.optimizer_desc,
-                    "config": {k: getattr(config, k) for k in RESULT_FIELDS}, "start": start_fingerprint,
+                    "config": identity_config(config), "start": start_fingerprint,
                     "trainable": self.trainable_names}
         extra_losses = task.describe().get("extra_losses") if hasattr(task, "describe") else None
         if extra_losses:  # an Objective's terms and their settings (SMART's eps, weight, ...) change the result too
@@ -406,7 +534,7 @@ class _Run:
         self.state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None, "bad_evals": 0,
                       "epoch_loss": 0.0, "epoch_batches": 0, "tokens": 0, "train_time": 0.0, "eval_time": 0.0,
                       "io_time": 0.0, "wall_time": 0.0, "peak_memory_mb": 0.0,
-                      "evals": [], "epochs": [], "loss_log": [], "status": "running"}
+                      "evals": [], "eval_times": [], "epochs": [], "loss_log": [], "status": "running"}
         self.loop = Loop(model, self.optimizer, self.scheduler, task, config, self.state, self.run_dir)
         self.resumed_from = None
         self.resume_changes: list[str] = []
@@ -415,19 +543,55 @@ class _Run:
         self.memory = runs.PeakMemory(self.device)
         # progress=False in the config silences the task's evaluation bars too (tasks that take the option)
         self.eval_kwargs = {} if config.progress or not _accepts(task.evaluate, "progress") else {"progress": False}
+        # the lengths length_batches sorts by, measured once (a tokenizer pass over the training set for paraphrase)
+        self.lengths = [example_length(task, ex) for ex in task.train_set] if config.length_batching else None
+        self._batches: tuple[int, list] | None = None  # (epoch, its batches), drawn once per epoch
+        if config.compile:
+            compile_model(model)  # after the fingerprints and the optimizer: compiling changes no parameter
+
+    def _say(self, message: str) -> None:
+        """Print on rank 0 only (every line the loop prints goes through here)."""
+        if self.main:
+            print(message)
 
     # ------------------------------------------------------------------------------------------ set-up
 
     def run(self) -> dict:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.main:  # the folder is rank 0's: checked and locked by it alone
             return self._run()
-        runs.check_writable(self.run_dir)  # before any work: a read-only out_dir fails here, naming the folder
-        with runs.RunLock(self.run_dir):
+        with contextlib.ExitStack() as stack:
+            try:
+                runs.check_writable(self.run_dir)  # before any work: a read-only out_dir fails here, naming the folder
+                stack.enter_context(runs.RunLock(self.run_dir))
+            except BaseException as err:
+                self._tell_failure(err)  # the other ranks wait for rank 0's set-up: they stop too
+                raise
             removed = runs.remove_stale_temps(self.run_dir)
             if removed:
                 print(f"removed {len(removed)} stale temporary file(s) of killed writes in {self.run_dir}: "
                       f"{', '.join(removed)}")
             return self._run()
+
+    def _on_main(self, fn: Callable):
+        """fn() on rank 0, its result on every rank; an error on rank 0 stops every rank (one process: just fn())."""
+        if self.world == 1:
+            return fn()
+        if self.main:
+            try:
+                value = fn()
+            except BaseException as err:
+                self._tell_failure(err)
+                raise
+            return parallel.broadcast_object(("ok", value))[1]
+        status, value = parallel.broadcast_object()
+        if status == "error":
+            raise RuntimeError(f"rank 0 stopped: {value}")
+        return value
+
+    def _tell_failure(self, err: BaseException) -> None:
+        """Rank 0's side of a failed `_on_main`: send the error line to the ranks waiting for its result."""
+        if self.world > 1:
+            parallel.broadcast_object(("error", f"{type(err).__name__}: {err}"))
 
     def _prepare_folder(self) -> None:
         """resume=False: refuse to replace a run already in the folder, unless config.overwrite."""
@@ -450,21 +614,7 @@ class _Run:
                 print(f"starting {self.run_name} in {self.run_dir.parent} (no checkpoint to resume yet)")
             return False
         self._check_compatible(ckpt, path)
-        _load_weights(self.model, ckpt["model"], ckpt.get("trainable_only", False), path)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        for callback, saved in zip(self._stateful(), ckpt.get("callbacks", [])):
-            callback.load_state_dict(saved["state"])
-        self.state.update(ckpt["state"])
-        set_rng_state(ckpt["rng"])
-        self.resumed_from = self.state["step"]
-        status, patience = self.state["status"], self.config.patience
-        more_steps = self.state["step"] < self.total_steps
-        if status == "completed" and more_steps:  # stopped at max_steps or its last epoch: a larger budget goes on
-            self.state["status"] = "running"
-        if status == "early_stopped" and more_steps and (patience is None or self.state["bad_evals"] < patience):
-            self.state["status"] = "running"  # a larger patience continues an early-stopped run
+        self._restore(ckpt, path)
         if self.config.progress or self.resume_changes:
             changes = f"; accepted changes: {', '.join(self.resume_changes)}" if self.resume_changes else ""
             if self.state["status"] == "running":
@@ -475,13 +625,50 @@ class _Run:
                       f"to train{changes}")
         return True
 
+    def _restore(self, ckpt: dict, path) -> None:
+        """Load everything a checkpoint holds (rank 0 checked it against this run first)."""
+        _load_weights(self.model, ckpt["model"], ckpt.get("trainable_only", False), path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        for callback, saved in zip(self._stateful(), ckpt.get("callbacks", [])):
+            callback.load_state_dict(saved["state"])
+        self.state.update(ckpt["state"])
+        if "eval_times" not in ckpt["state"]:  # a checkpoint from before eval_times: those times are unknown
+            self.state["eval_times"] = [{"step": e["step"], "train_time_s": None, "wall_time_s": None}
+                                        for e in self.state["evals"]]
+        rank_rngs = ckpt.get("rank_rng")
+        if rank_rngs is not None and len(rank_rngs) == self.world:
+            set_rng_state(rank_rngs[self.rank])  # each rank continues its own streams (its dropout masks)
+        else:
+            set_rng_state(ckpt["rng"])
+            if self.rank > 0:  # another number of processes: fresh, distinct streams for the other ranks
+                torch.manual_seed(_rank_seed(self.config.seed, self.rank) + self.state["step"])
+        self.resumed_from = self.state["step"]
+        status, patience = self.state["status"], self.config.patience
+        more_steps = self.state["step"] < self.total_steps
+        if status == "completed" and more_steps:  # stopped at max_steps or its last epoch: a larger budget goes on
+            self.state["status"] = "running"
+        if status == "early_stopped" and more_steps and (patience is None or self.state["bad_evals"] < patience):
+            self.state["status"] = "running"  # a larger patience continues an early-stopped run
+
+    def _follow_resume(self) -> None:
+        """A rank other than 0 loads the checkpoint rank 0 has just checked (no prints: rank 0 said it all)."""
+        with contextlib.redirect_stdout(io.StringIO()):
+            ckpt, path = runs.load_checkpoint(self.run_dir)
+        self._restore(ckpt, path)
+
     def _check_compatible(self, ckpt: dict, path) -> None:
         """Refuse, in one line listing old -> new, every difference that would make the resumed run another run."""
         old_config, config = ckpt["config"], self.config
+        old_config = {**LATE_FIELDS, **old_config}  # a checkpoint older than a late field ran at its default
         refused = [f"{k} {old_config[k]!r} -> {getattr(config, k)!r}" for k in RESULT_FIELDS
                    if k in old_config and old_config[k] != getattr(config, k)]
         self.resume_changes = [f"{k} {old_config[k]!r} -> {getattr(config, k)!r}" for k in EXTEND_FIELDS
                                if k in old_config and old_config[k] != getattr(config, k)]
+        old_world = ckpt.get("world_size", 1)
+        if old_world != self.world:  # the same steps up to float rounding (gpt2lab.parallel)
+            self.resume_changes.append(f"world_size {old_world} -> {self.world}")
         old_total = ckpt.get("total_steps")
         if config.schedule == "linear" and old_total is not None and old_total != self.total_steps:
             self.resume_changes.append(f"the linear decay now ends at step {self.total_steps} (was {old_total})")
@@ -532,6 +719,10 @@ class _Run:
         self.last_saved = where
         t0 = time.perf_counter()
         self._note_times()
+        # every rank reaches this point at the same steps; each one's RNG goes into rank 0's file
+        more = {"world_size": self.world, "rank_rng": parallel.all_gather_object(rng_state())} if self.world > 1 else {}
+        if not self.main:
+            return
         runs.save_checkpoint({
             "format": 2, "model": _model_weights(self.model, self.trainable_only),
             "trainable_only": self.trainable_only, "base_fingerprint": self.base_fingerprint,
@@ -540,7 +731,7 @@ class _Run:
             "scaler": self.scaler.state_dict(), "state": self.state, "rng": rng_state(),
             "config": asdict(self.config), "task": self.task.name, "n_train": self.n_train,
             "total_steps": self.total_steps,
-            "callbacks": [{"name": type(c).__name__, "state": c.state_dict()} for c in self._stateful()],
+            "callbacks": [{"name": type(c).__name__, "state": c.state_dict()} for c in self._stateful()], **more,
         }, self.run_dir)
         self.state["io_time"] += time.perf_counter() - t0
 
@@ -559,11 +750,15 @@ class _Run:
 
     def _evaluate(self, save: bool = True) -> dict:
         t0 = time.perf_counter()
-        # a fixed seed of its own: sampled sonnets are reproducible and the training RNG is untouched
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), eval_mode(self.model), self._autocast():
-            torch.manual_seed(self.config.seed)
-            result = {k: float(v) for k, v in self.task.evaluate(self.model, **self.eval_kwargs).items()}
+
+        def dev_metrics() -> dict:
+            # a fixed seed of its own: sampled sonnets are reproducible and the training RNG is untouched
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), eval_mode(self.model), self._autocast():
+                torch.manual_seed(self.config.seed)
+                return {k: float(v) for k, v in self.task.evaluate(self.model, **self.eval_kwargs).items()}
+
+        result = self._on_main(dev_metrics)  # several processes: rank 0's metrics everywhere, so every rank stops alike
         state = self.state
         mean_loss = state["epoch_loss"] / max(state["epoch_batches"], 1)
         entry = {"step": state["step"], "epoch": state["epoch"] + state["batch"] / self.batches_per_epoch,
@@ -573,13 +768,16 @@ class _Run:
         if _better(value, state["best"], self.task.higher_is_better):
             state["best"], state["best_step"], state["bad_evals"] = value, state["step"], 0
             weights = _model_weights(self.model, self.trainable_only)
-            if self.run_dir is not None:
-                runs.atomic_save(weights, self.run_dir / runs.BEST)
-            else:
+            if self.run_dir is None:  # every rank keeps its own copy (the ranks' weights are the same)
                 self.best_weights = {k: v.detach().clone() for k, v in weights.items()}
+            elif self.main:
+                runs.atomic_save(weights, self.run_dir / runs.BEST)
         else:
             state["bad_evals"] += 1
-        state["eval_time"] += time.perf_counter() - t0
+        now = time.perf_counter()
+        state["eval_time"] += now - t0
+        state["eval_times"].append({"step": state["step"], "train_time_s": state["train_time"],
+                                    "wall_time_s": state["wall_time"] + now - self._wall_mark})
         self.memory.sample()
         self.loop.metrics = entry
         self._show()
@@ -601,21 +799,24 @@ class _Run:
 
         config, state = self.config, self.state
         resumed = False
-        if self.run_dir is not None:
-            if config.resume:
-                resumed = self._resume()
-            else:
-                self._prepare_folder()
+        if self.run_dir is not None:  # rank 0 checks the folder and the checkpoint; then the others read it
+            resumed = self._on_main(lambda: self._resume() if config.resume else (self._prepare_folder() or False))
+            if resumed and not self.main:
+                self._follow_resume()
+            if resumed:
+                parallel.barrier()  # every rank has read the checkpoint before rank 0 may replace it
         elif config.resume and config.progress:
-            print("resume=True has no effect with out_dir=None (no checkpoints are written)")
+            self._say("resume=True has no effect with out_dir=None (no checkpoints are written)")
         if not resumed:
             seed_everything(config.seed)  # the same config from the same weights gives the same run
+            if self.rank > 0:  # several processes: rank 0 draws as one process would, the others their own masks
+                torch.manual_seed(_rank_seed(config.seed, self.rank))
 
         self.memory.start()
         self._wall_mark = time.perf_counter()
         self.smooth = None
         self.bar = tqdm(total=self.total_steps, initial=state["step"], desc=self.task.name, unit="step",
-                        disable=not config.progress, dynamic_ncols=True)
+                        disable=not (config.progress and self.main), dynamic_ncols=True)
         self.model.train()
         try:
             self._fire("start")
@@ -627,7 +828,7 @@ class _Run:
                 f"the last good checkpoint {path} is kept"
             message = f"stopped: {err} (non-finite); {kept}. Try a lower lr, grad_clip, or amp=None."
             state["message"] = message
-            print(message)
+            self._say(message)
         finally:
             self.bar.close()
         self._note_times()
@@ -635,23 +836,28 @@ class _Run:
 
         if config.restore_best and state["best_step"] is not None and state["status"] != "diverged":
             best_path = self.run_dir / runs.BEST if self.run_dir is not None else None
+            if best_path is not None:
+                parallel.barrier()  # rank 0 has written best.pt
             if best_path is not None and best_path.exists():
                 _load_weights(self.model, torch.load(best_path, map_location="cpu", weights_only=True),
                               self.trainable_only, best_path)
             elif self.best_weights is not None:
                 _load_weights(self.model, self.best_weights, self.trainable_only, "the best weights")
 
-        record = self._record()
-        if self.run_dir is not None:
-            atomic_write_text(self.run_dir / runs.RECORD, json.dumps(record, indent=1, default=str) + "\n")
-        return record
+        def write_record() -> dict:
+            record = self._record()
+            if self.run_dir is not None:
+                atomic_write_text(self.run_dir / runs.RECORD, json.dumps(record, indent=1, default=str) + "\n")
+            return record
+
+        return self._on_main(write_record)  # several processes: every rank returns rank 0's record
 
     def _loop(self) -> None:
         config, state = self.config, self.state
         while state["epoch"] < config.epochs and state["step"] < self.total_steps and state["status"] == "running":
-            order = epoch_order(self.n_train, config.seed, state["epoch"])
+            batches = self._epoch_batches(state["epoch"])
             while state["batch"] < self.batches_per_epoch and state["step"] < self.total_steps:
-                self._step(order)
+                self._step(batches[state["batch"]])
                 self._fire("step")
                 if config.evaluate and config.eval_every and state["step"] % config.eval_every == 0:
                     self._evaluate()
@@ -682,21 +888,59 @@ class _Run:
                 self._evaluate(save=False)  # e.g. max_steps stopped mid-epoch: the record still ends on a dev score
             self._save_checkpoint()
 
-    def _step(self, order: list[int]) -> None:
-        """One optimizer step on the next batch; its time is training time (the loss.item() waits for the GPU)."""
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches of example indices: a function of (seed, epoch), drawn once per epoch."""
+        if self._batches is None or self._batches[0] != epoch:
+            size = self.config.batch_size
+            if self.lengths is not None:
+                batches = length_batches(self.lengths, size, self.config.seed, epoch)
+            else:
+                order = epoch_order(self.n_train, self.config.seed, epoch)
+                batches = [order[i : i + size] for i in range(0, self.n_train, size)]
+            self._batches = (epoch, batches)
+        return self._batches[1]
+
+    def _to_device(self, batch: dict) -> dict:
+        """The batch on the model's device; on CUDA through pinned memory, so the copy does not wait for the GPU."""
+        if self.device.type != "cuda":
+            return to_device(batch, self.device)
+        return {k: v.pin_memory().to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def _step(self, idx: list[int]) -> None:
+        """One optimizer step on the global batch `idx`; its time is training time (the loss.item() waits for the GPU).
+
+        Several processes: this rank trains on its share, its mean loss weighted by its share of the batch's loss
+        terms; the gradients are summed over ranks (gpt2lab.parallel). One process: exactly the plain step.
+        """
         config, state, optimizer = self.config, self.state, self.optimizer
         t0 = time.perf_counter()
-        idx = order[state["batch"] * config.batch_size : (state["batch"] + 1) * config.batch_size]
-        batch = self.task.collate([self.task.train_set[i] for i in idx])
-        tokens = int(batch["attention_mask"].sum())  # counted before the move: no extra wait for the GPU
-        batch = to_device(batch, self.device)
-        with self._autocast():
-            loss = self.task.loss(self.model, batch)
-        value = loss.item()  # the one wait for the GPU per step
+        mine = parallel.shard(idx, self.rank, self.world) if self.world > 1 else idx
+        batch = self.task.collate([self.task.train_set[i] for i in mine]) if mine else None
+        tokens = int(batch["attention_mask"].sum()) if batch is not None else 0  # before the move: no GPU wait
+        if self.world > 1:
+            terms = loss_terms(self.task, batch) if batch is not None else 0
+            total_terms, tokens = (int(x) for x in parallel.all_reduce_sum(torch.tensor([terms, tokens])).tolist())
+            if terms == 0:  # an empty share (a short last batch) or no targets: this rank adds zero gradients
+                batch = None
+        if batch is not None:
+            with self._autocast():
+                loss = self.task.loss(self.model, self._to_device(batch))
+            if self.world > 1:
+                loss = loss * (terms / total_terms)  # its share: the ranks' weighted losses sum to the global mean
+        else:
+            loss = torch.zeros((), device=self.device)
+        if self.world > 1:
+            value = parallel.all_reduce_sum(loss.detach().double()).item()  # the global loss, the same on every rank
+        else:
+            value = loss.item()  # the one wait for the GPU per step
         if not math.isfinite(value):
             raise _Interrupted(f"loss is {value} at step {state['step'] + 1}")
         optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if batch is not None:
+            self.scaler.scale(loss).backward()
+        if self.world > 1:
+            parallel.all_reduce_gradients(self.params)
         if config.grad_clip is not None:
             self.scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
@@ -740,6 +984,7 @@ class _Run:
             "best_metric": {"name": self.task.metric, "value": state["best"], "step": state["best_step"]},
             "final": state["evals"][-1] if state["evals"] else None,
             "evals": state["evals"],
+            "eval_times": state["eval_times"],  # cumulative training and wall seconds at each of `evals`
             "epochs": state["epochs"],
             "loss_log": state["loss_log"],
             "train_time_s": seconds,  # optimizer steps only (batches, forward, backward, update)
@@ -759,6 +1004,7 @@ class _Run:
             "start_fingerprint": self.start_fingerprint,
             "seed": config.seed,
             "device": str(self.device),
+            "world_size": self.world,  # processes training together (gpt2lab.parallel); batch_size is their total
             "resumed_from_step": self.resumed_from,
             "resume_changes": self.resume_changes,
             "versions": versions(),
