@@ -217,6 +217,13 @@ def test_plots_have_one_line_or_bar_per_method(tmp_path):
     ax = report.plot_metric_vs_time(timed, "paraphrase").axes[0]
     assert ax.get_xlabel() == "training time (s)" and list(ax.lines[0].get_xdata()) == pytest.approx([3.5])
     assert report.plot_metric_vs_time(timed, "paraphrase", clock="wall").axes[0].lines[0].get_xdata()[0] == 6.0
+    # the loop's layout: times in `eval_times`, one entry per evaluation, beside `evals`
+    beside = [make_record(seed=s, evals=[{"step": 10, "epoch": 1.0, "train_loss": 0.1, "accuracy": 0.9}])
+              for s in range(2)]
+    for s, run in enumerate(beside):
+        run["eval_times"] = [{"step": 10, "train_time_s": 5.0 + 2 * s, "wall_time_s": 8.0}]
+    ax = report.plot_metric_vs_time(beside, "paraphrase").axes[0]
+    assert ax.get_xlabel() == "training time (s)" and list(ax.lines[0].get_xdata()) == pytest.approx([6.0])
 
     rows = report.summarize(records)
     fig = report.plot_memory(rows)

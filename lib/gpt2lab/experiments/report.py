@@ -509,11 +509,17 @@ def plot_curves(records: list[dict], task: str, size: str | None = None):
 
 
 def _eval_times(run: dict, clock: str) -> tuple[list[float], bool]:
-    """Cumulative seconds at each evaluation; (times, measured). Without per-evaluation times in the record,
-    the run's total is spread evenly over its steps (time ~ step * total / steps) and measured is False."""
+    """Cumulative seconds at each evaluation; (times, measured). The loop records them in `eval_times`, one entry
+    {step, train_time_s, wall_time_s} per entry of `evals` (beside it, so that comparing two runs' evals ignores
+    times). Without them (older records) the run's total is spread evenly over its steps (time ~ step * total /
+    steps) and measured is False."""
     evals = run.get("evals") or []
     key = f"{clock}_time_s"
-    if evals and all(isinstance(e.get(key), int | float) for e in evals):
+    times = run.get("eval_times")
+    if isinstance(times, list) and len(times) == len(evals) and evals and all(
+            isinstance(t, dict) and isinstance(t.get(key), int | float) for t in times):
+        return [float(t[key]) for t in times], True
+    if evals and all(isinstance(e.get(key), int | float) for e in evals):  # times inside the entries
         return [float(e[key]) for e in evals], True
     total, steps = run.get(key), run.get("steps")
     if not isinstance(total, int | float) or not steps:
