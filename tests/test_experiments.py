@@ -293,16 +293,39 @@ def test_skip_finished(tmp_path, capsys, monkeypatch, tokenizer, quora_data):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
+    run_dir = Path(first["run_dir"])  # keep="best" (the default): a finished run's checkpoints are deleted
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "record.json"]
+
     monkeypatch.setattr("gpt2lab.train.train", no_training)
     again = run_one("paraphrase", "lora+adamw", seed=3, out=tmp_path, **QUICK)
     assert capsys.readouterr().out.strip() == f"skip {first['run_name']}: finished"
-    assert again == json.loads((Path(first["run_dir"]) / "record.json").read_text())
+    assert again == json.loads((run_dir / "record.json").read_text())
     assert len(list(tmp_path.iterdir())) == 1
+    # how a run executes or what it keeps does not make it another run: still skipped
+    run_one("paraphrase", "lora+adamw", seed=3, out=tmp_path, settings={"keep": "all", "compile": True}, **QUICK)
+    assert capsys.readouterr().out.strip() == f"skip {first['run_name']}: finished"
+
+
+def test_keep_record_deletes_best_and_a_diverged_run_keeps_all(tmp_path, tokenizer, quora_data):
+    from gpt2lab.experiments.runner import prune
+
+    kept = run_one("paraphrase", "full+adamw", seed=0, out=tmp_path, settings={"keep": "record"}, **QUICK)
+    assert [p.name for p in Path(kept["run_dir"]).iterdir()] == ["record.json"]
+    files = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt", "record.json")
+    for status, keep, left in (("diverged", "record", files), ("running", "best", files), ("completed", "all", files),
+                               ("early_stopped", "best", ("best.pt", "record.json"))):
+        folder = tmp_path / f"{status}-{keep}"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("x")
+        prune(folder, {"status": status}, keep)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(left), (status, keep)
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, tokenizer, quora_data):
     # SMART's teacher (a stateful callback) and LoRA: the checkpoint must restore both exactly
-    common = dict(seed=1, settings={"epochs": 2}, **QUICK)  # 2 steps per epoch, a checkpoint after epoch 1
+    # 2 steps per epoch, a checkpoint after epoch 1; keep="all": the finished runs' checkpoints are compared below
+    common = dict(seed=1, settings={"epochs": 2, "keep": "all"}, **QUICK)
 
     def interrupt(loop):
         if loop.step == 3:

@@ -333,6 +333,8 @@ SETTINGS: dict[str, Setting] = {
     "log_every": Setting((int,), "record the training loss every N steps"),
     "length_batching": Setting((bool,), "batch examples of similar length (when the loop supports it)"),
     "compile": Setting((bool,), "torch.compile the model (when the loop supports it)"),
+    "keep": Setting((str,), "files a finished run keeps: 'all' (checkpoints too: a longer budget resumes it), "
+                    "'best' (best.pt and record.json) or 'record' (record.json only)"),
     # the optimizer
     "weight_decay": Setting(_NUM, "decoupled weight decay on matrices (optimizers that take it)"),
     # the data (gpt2lab.tasks)
@@ -358,7 +360,7 @@ LORA_KEYS = ("rank", "alpha", "targets", "dropout")
 SMART_KEYS = ("smart_weight", "smart_eps", "smart_step_size", "smart_noise_var", "smart_steps", "prox_weight")
 SONNET_ONLY, PARAPHRASE_ONLY = ("max_new_tokens",), ("test_limit",)
 # how far a run goes or how it is watched: not in the run's folder name, so a longer budget resumes the same run
-BUDGET_KEYS = ("epochs", "max_steps", "patience", "eval_every", "log_every", "compile")
+BUDGET_KEYS = ("epochs", "max_steps", "patience", "eval_every", "log_every", "compile", "keep")
 LIMITED = ("train_limit", "dev_limit", "test_limit", "epochs", "max_new_tokens")  # what --limit N caps at N
 
 # Per (size, task) defaults. "full": notebook 04's real-mode settings (sonnets 10 epochs of batch 8 with patience 3
@@ -374,8 +376,10 @@ TASK_DEFAULTS = {
     ("quick", "paraphrase"): dict(epochs=1, batch_size=8, warmup_steps=0, patience=None, max_length=128,
                                   train_limit=16, dev_limit=8, test_limit=1, log_every=1),
 }
+# keep="best": a finished run's checkpoints (at gpt2 size with AdamW about 1.5 GB each, two per run) are deleted, so
+# the default grid's 27 full fine-tuning runs need ~0.5 GB each (best.pt), not ~3.5 GB.
 COMMON_DEFAULTS = dict(max_steps=None, schedule="constant", grad_clip=1.0, eval_every=None, length_batching=False,
-                       compile=False, weight_decay=0.01)
+                       compile=False, weight_decay=0.01, keep="best")
 
 
 def defaults(method: Method, task: str, size: str, cuda: bool = False) -> dict:
@@ -419,6 +423,8 @@ def check_setting(key: str, value, where: str):
         raise MethodError(f"{where}: schedule must be 'constant' or 'linear', not {value!r}")
     if key == "amp" and value not in ("bf16", "fp16"):
         raise MethodError(f"{where}: amp must be 'bf16', 'fp16' or 'none', not {value!r}")
+    if key == "keep" and value not in ("all", "best", "record"):
+        raise MethodError(f"{where}: keep must be 'all', 'best' or 'record', not {value!r}")
     return value
 
 

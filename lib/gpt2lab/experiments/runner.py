@@ -163,6 +163,7 @@ def experiment_block(task: str, method: Method, seed: int, size: str, weights: s
 
 
 SAME_RUN_KEYS = ("task", "method", "seed", "size", "weights", "settings")  # a record with these equal is this run
+HOW_KEYS = ("compile", "keep")  # settings that change neither the result nor the budget: a finished run stays finished
 
 
 def run_name(block: dict) -> str:
@@ -183,8 +184,28 @@ def finished_record(run_dir: Path, block: dict) -> dict | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    old = record.get("config", {}).get("extra", {}).get("experiment") or {}
+    old = dict(record.get("config", {}).get("extra", {}).get("experiment") or {})
+    if isinstance(old.get("settings"), dict):  # how it ran and what it kept do not make it another run
+        old["settings"] = {k: v for k, v in old["settings"].items() if k not in HOW_KEYS}
+    block = {**block, "settings": {k: v for k, v in block["settings"].items() if k not in HOW_KEYS}}
     return record if all(old.get(k) == block[k] for k in SAME_RUN_KEYS) else None
+
+
+def prune(run_dir: Path, record: dict, keep: str) -> list[str]:
+    """Delete what a finished run no longer needs (setting `keep`); returns the names deleted.
+
+    keep "all": nothing. "best": the checkpoints (checkpoint.pt, checkpoint.prev.pt), which only serve to resume or
+    extend the run; at gpt2 size with AdamW each is ~1.5 GB (weights and two moments). "record": best.pt too.
+    A diverged or unfinished run keeps everything (its last good checkpoint is what one inspects). A run whose
+    checkpoints are gone and that is asked for a longer budget starts over (the same seed gives the same run).
+    """
+    if keep == "all" or record.get("status") not in ("completed", "early_stopped") or not is_main():
+        return []
+    names = [runs.CHECKPOINT, runs.PREVIOUS] + ([runs.BEST] if keep == "record" else [])
+    gone = [n for n in names if (run_dir / n).exists()]
+    for name in gone:
+        (run_dir / name).unlink()
+    return gone
 
 
 def _total_steps(n_train: int, settings: dict) -> int:
@@ -264,6 +285,7 @@ def run_one(task: str, method: str | Method, seed: int = 0, *, size: str = "quic
                           progress=verbose and size == "full" and is_main())
     config.extra["model"] = model.config.to_dict()  # the shape trained (n_positions, n_layer, ...), for the record
     record = train(built.model, built.objective, built.factory, config, callbacks=[*built.callbacks, *callbacks])
+    prune(run_dir, record, resolved["keep"])
     if verbose:
         say(summary_line(record))
     del model, built
