@@ -148,8 +148,12 @@ def _trainable(model):
 FACTORY_MISTAKES = [
     (stub, NOT_YET),
     (lambda model, lr: torch.optim.RMSprop(_trainable(model), lr=lr, weight_decay=0.01),
-     "it decays 20 bias / LayerNorm / embedding parameter(s) (e.g. transformer.h.0.attn.c_attn.bias): only matrices "
-     "get weight decay; decay_groups(model, 0.01) splits them"),
+     "it decays 20 bias / LayerNorm / embedding parameter(s) (e.g. transformer.h.0.attn.c_attn.bias): biases, "
+     "LayerNorms and embeddings get no weight decay, the 2-D embedding tables included (notebook 03); "
+     "decay_groups(model, 0.01) splits them"),
+    (lambda model, lr: torch.optim.RMSprop(decay_groups(model, 0.01), lr=lr, momentum=0.9),
+     "the groups set momentum: plain RMSprop keeps one state tensor per weight (the memory column relies on it); "
+     "leave momentum=0 and centered=False"),
     (lambda model, lr: torch.optim.RMSprop([{"params": [p for n, p in g["params"]], "weight_decay": g["weight_decay"]}
                                             for g in decay_groups(model, 0.01)] + [
         {"params": [p for p in model.parameters() if not p.requires_grad], "weight_decay": 0.0}], lr=lr),
@@ -297,6 +301,13 @@ WELCH_MISTAKES = [
                             "sb²/(nb − 1)"),
     (_welch_with(df_fn=lambda a, b: (lambda d, sa, sb, *_: (sa + sb) ** 2 / (sa**2 + sb**2))(*_se_parts(a, b))),
      f"df {LABEL}: divide sa² by na − 1 and sb² by nb − 1 in the denominator"),
+    (lambda a, b: welch(a, b)[::-1], f"you returned (df, t) {LABEL}: return (t, df)"),
+    (lambda a, b: tuple(stats.ttest_ind(a, b, equal_var=False)),
+     f"df = 0.447806 {LABEL} looks like a p-value: scipy's ttest_ind result is (statistic, pvalue); return "
+     "(r.statistic, r.df), or compute df from the formula"),
+    (_welch_with(df_fn=lambda a, b: (lambda d, sa, sb, va, vb, na, nb: (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (
+        nb - 1)))(*_se_parts(a, b))),
+     f"df {LABEL}: use the squared standard errors sa = var(a)/na and sb = var(b)/nb, not the variances"),
     (lambda a, b: welch(a, b)[0], "return a pair (t, df), got float64"),
     (lambda a, b: (welch(a, b)[0], "two"), "df should be a number, got str"),
     (lambda a, b: (welch(a, b)[0], None), "df should be a number, got NoneType"),
@@ -338,8 +349,21 @@ def welch_stub(a, b):  # the notebook's welch before it is written
     raise NotImplementedError()
 
 
+def _interpret_student(table):
+    """The answers with Student's pooled t (scipy's default), the mistake §5 warns about: lora+soap comes out worse."""
+    answers = interpret(table)
+    base = table["full+adamw"]["accuracy"]
+    answers["significantly_worse"] = {m for m, row in table.items() if m != "full+adamw" and (
+        lambda r: r.pvalue < 0.05 and r.statistic < 0)(stats.ttest_ind(row["accuracy"], base))}
+    return answers
+
+
 INTERPRET_MISTAKES = [
     (stub, NOT_YET),
+    (_interpret_student, "significantly_worse: lora+soap is not significant by Welch's two-sided test (-0.016 over "
+                         "full+adamw, std 0.008 over 3 seeds, Welch p = 0.064); only Student's pooled t (scipy's "
+                         "ttest_ind default) or a one-sided p would call it so: use p = 2 * t.sf(abs(t), df) with "
+                         "Welch's t and df"),
     (_interpret_with_stub, "not implemented yet: welch_stub (an earlier exercise, which this one calls: finish it "
                            "first)"),
     (_answers(best_mean="full+adamw+smart"), "best_mean: full+adamw+smart has mean 0.8867, and one method's is "
@@ -354,8 +378,9 @@ INTERPRET_MISTAKES = [
      "significantly_better: lora+adamw differs significantly (-0.019 over full+adamw, std 0.004 over 3 seeds, Welch "
      "p = 0.0046) but in the other direction"),
     (_answers(significantly_worse={"lora+adamw", "lora+soap"}),
-     "significantly_worse: lora+soap is not significant (-0.016 over full+adamw, std 0.011 over 3 seeds, Welch p = "
-     "0.12): with 3 seeds that spread, the difference could be chance"),
+     "significantly_worse: lora+soap is not significant by Welch's two-sided test (-0.016 over full+adamw, std 0.008 "
+     "over 3 seeds, Welch p = 0.064); only Student's pooled t (scipy's ttest_ind default) or a one-sided p would call "
+     "it so: use p = 2 * t.sf(abs(t), df) with Welch's t and df"),
     (_answers(significantly_worse=[]),
      "significantly_worse: lora+adamw is missing (-0.019 over full+adamw, std 0.004 over 3 seeds, Welch p = 0.0046): "
      "a small difference, but its seeds agree, so it is unlikely to be chance"),

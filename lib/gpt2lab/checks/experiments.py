@@ -12,8 +12,9 @@ default nor a round number. For Welch: samples of different sizes (3 and 6) and 
 the pooled-variance t (1.43) is far from Welch's (0.94), the pooled df (7) from Welch's (2.005), and ddof = 0 from
 ddof = 1 (t 1.15, df 2.007); a second pair has the larger sample first. The table: the best mean (full+soap,
 +0.012) comes with three seeds that disagree (p = 0.53), while a smaller gain (full+adamw+smart, +0.006) is
-consistent (p = 0.03); a lower mean (lora+soap) is not significant either; SMART costs peak memory but no optimizer
-state, SOAP both.
+consistent (p = 0.03); a lower mean (lora+soap, Welch p = 0.064) is not significant either, but would be with
+Student's pooled t (p = 0.030) or a one-sided p (0.032), so those two mistakes show; SMART costs peak memory but no
+optimizer state, SOAP both.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def _factory_problems(fn, lora: bool) -> None:
     expect(isinstance(opt, torch.optim.Optimizer), f"return a torch.optim.Optimizer, got {type(opt).__name__}")
     expect(isinstance(opt, torch.optim.RMSprop), f"the exercise's method is RMSprop (torch.optim.RMSprop), got "
                                                  f"{type(opt).__name__}")
+    extra_state = [k for k in ("momentum", "centered") if any(g.get(k) for g in opt.param_groups)]
+    expect(not extra_state, f"the groups set {' and '.join(extra_state)}: plain RMSprop keeps one state tensor per "
+                            "weight (the memory column relies on it); leave momentum=0 and centered=False")  # fmt: skip
     seen = {id(p): group for group in opt.param_groups for p in group["params"]}  # torch refuses duplicates
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     frozen = sorted(names[i] for i in seen if i not in trainable)
@@ -89,8 +93,9 @@ def _factory_problems(fn, lora: bool) -> None:
     exempt = _exempt(model)
     decayed = sorted(names[i] for i, g in seen.items() if i in exempt and g.get("weight_decay", 0.0) != 0.0)
     expect(not decayed, f"it decays {len(decayed)} bias / LayerNorm / embedding parameter(s){where} (e.g. "
-                        f"{decayed[0] if decayed else ''}): only matrices get weight decay; decay_groups(model, "
-                        f"{WEIGHT_DECAY}) splits them")  # fmt: skip
+                        f"{decayed[0] if decayed else ''}): biases, LayerNorms and embeddings get no weight decay, the "
+                        f"2-D embedding tables included (notebook 03); decay_groups(model, {WEIGHT_DECAY}) "
+                        "splits them")  # fmt: skip
     decays = sorted({float(g.get("weight_decay", 0.0)) for i, g in seen.items() if i not in exempt})
     expect(decays != [0.0], f"no parameter gets weight decay{where}: the matrices should get {WEIGHT_DECAY} "
                             f"(decay_groups(model, {WEIGHT_DECAY}))")  # fmt: skip
@@ -240,6 +245,7 @@ def welch(fn):
         exp_t, exp_df = welch_reference(a, b)
         label = f"(a has {len(a)} values, b has {len(b)})"
         close = lambda x, y: abs(x - y) <= WELCH_TOL * max(1.0, abs(y))  # noqa: E731
+        expect(not (close(t, exp_df) and close(df, exp_t)), f"you returned (df, t) {label}: return (t, df)")
         if not close(t, exp_t):
             pooled_t = _pooled(a, b)[0]
             expect(not close(t, -exp_t), f"t has the wrong sign {label}: t = (mean(a) − mean(b)) / se, a first")
@@ -258,6 +264,8 @@ def welch(fn):
             expect(False, f"t {label}: expected {exp_t:.6g}, got {t:.6g}")
         if not close(df, exp_df):
             na, nb = len(a), len(b)
+            expect(not 0 <= df <= 1, f"df = {df:.6g} {label} looks like a p-value: scipy's ttest_ind result is "
+                   "(statistic, pvalue); return (r.statistic, r.df), or compute df from the formula")
             expect(not close(df, na + nb - 2), f"df = na + nb − 2 = {na + nb - 2} {label} is the pooled test's: "
                    "Welch's is (sa + sb)² / (sa²/(na − 1) + sb²/(nb − 1)) with sa = var(a)/na, sb = var(b)/nb")
             expect(not close(df, min(na, nb) - 1), f"df = min(na, nb) − 1 {label} is the conservative textbook "
@@ -271,6 +279,8 @@ def welch(fn):
                    "denominator divides by n − 1, not n: sa²/(na − 1) + sb²/(nb − 1)")
             expect(not close(df, (sa + sb) ** 2 / (sa**2 + sb**2)), f"df {label}: divide sa² by na − 1 and sb² by "
                    "nb − 1 in the denominator")
+            expect(not close(df, (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))), f"df {label}: use the "
+                   "squared standard errors sa = var(a)/na and sb = var(b)/nb, not the variances")
             expect(False, f"df {label}: expected {exp_df:.6g}, got {df:.6g}")
     return "t and df match the Welch–Satterthwaite formulas on samples of unequal sizes and spreads"
 
@@ -285,7 +295,7 @@ TABLE = {
     "full+soap": {"accuracy": [0.902, 0.861, 0.915], "peak_memory_mb": 5620, "optimizer_state_mb": 1630},
     "full+adamw+smart": {"accuracy": [0.886, 0.889, 0.885], "peak_memory_mb": 6950, "optimizer_state_mb": 995},
     "lora+adamw": {"accuracy": [0.861, 0.866, 0.858], "peak_memory_mb": 3020, "optimizer_state_mb": 2.4},
-    "lora+soap": {"accuracy": [0.872, 0.851, 0.869], "peak_memory_mb": 3060, "optimizer_state_mb": 3.1},
+    "lora+soap": {"accuracy": [0.871, 0.866, 0.855], "peak_memory_mb": 3060, "optimizer_state_mb": 3.1},
 }
 QUESTIONS = {
     "best_mean": "the method with the highest mean accuracy (a name)",
@@ -312,6 +322,13 @@ def _p_value(method: str) -> tuple[float, float, float]:
 
     t, df = welch_reference(TABLE[method]["accuracy"], TABLE[BASELINE]["accuracy"])
     return t, df, float(2 * stats.t.sf(abs(t), df))
+
+
+def _student_p(method: str) -> float:
+    """Two-sided p of Student's pooled-variance t-test of `method` against the baseline (a common mistake's answer)."""
+    from scipy import stats
+
+    return float(stats.ttest_ind(TABLE[method]["accuracy"], TABLE[BASELINE]["accuracy"]).pvalue)
 
 
 def _names(value, key: str) -> set[str]:
@@ -366,6 +383,10 @@ def interpret(fn):
         expected = {m for m in TABLE if m != BASELINE and _p_value(m)[2] < 0.05 and sign * _p_value(m)[0] > 0}
         for method in sorted(got - expected):
             t, _, p = _p_value(method)
+            if p >= 0.05 and (_student_p(method) < 0.05 or p / 2 < 0.05):
+                expect(False, f"{key}: {method} is not significant by Welch's two-sided test ({_describe(method)}); "
+                              "only Student's pooled t (scipy's ttest_ind default) or a one-sided p would call it "
+                              "so: use p = 2 * t.sf(abs(t), df) with Welch's t and df")  # fmt: skip
             if p < 0.05:  # significant, but the other way
                 expect(False, f"{key}: {method} differs significantly ({_describe(method)}) but in the other "
                               "direction")  # fmt: skip
