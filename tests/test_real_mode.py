@@ -27,8 +27,10 @@ from nbclient.exceptions import CellExecutionError
 from gpt2lab import course
 
 # 05 (LoRA at gpt2 size) runs by default. 06-08 honour GPT2LAB_LIMIT too, but take 2-5 minutes each on a 2-core CPU,
-# more than the suite's budget allows; run them (or any list) with
-#   GPT2LAB_REAL_MODE=06_smart,07_soap,08_adaprelora pytest tests/test_real_mode.py -k runs_in_real_mode
+# more than the suite's budget allows, and 09 (the default grid: 36 runs at gpt2 size with GPT2LAB_LIMIT=2, which
+# also caps its seeds, and 8 of exercise 1) about 12 minutes; run them (or any list) with
+#   GPT2LAB_REAL_MODE=06_smart,07_soap,08_adaprelora,09_experiments pytest tests/test_real_mode.py -k runs_in_real_mode
+# (The suite's tests/test_experiments_fullsize.py runs both tasks at gpt2 size through the experiments command line.)
 DEFAULT = "00_welcome,01_attention,02_gpt2,03_adamw,04_finetune,05_lora"
 NOTEBOOKS = [n for n in os.environ.get("GPT2LAB_REAL_MODE", DEFAULT).split(",") if n]
 LIMIT = 2  # GPT2LAB_LIMIT: notebook 04 trains on 2 examples per split, for at most 2 epochs, writing 2 new tokens
