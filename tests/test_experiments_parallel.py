@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed's gloo backend is not available in this torch build")
 
 COMMON = ["run", "--task", "paraphrase", "--task", "sonnet", "--method", "full+adamw", "--seeds", "0",
-          "--size", "quick", "--set", "batch_size=4", "--set", "train_limit=7", "--set", "epochs=2"]  # 2 x 2 steps
+          "--size", "quick", "--set", "batch_size=4", "--set", "train_limit=7", "--set", "epochs=2",  # 2 x 2 steps
+          "--set", "keep=all"]  # the finished runs' checkpoints are compared below
 STEPS = 4
 
 
