@@ -4,7 +4,6 @@ resume, and the quick grid end to end through the command line (then `report`). 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -416,10 +415,12 @@ def test_quick_grid_end_to_end_through_the_command_line(tmp_path, capsys, monkey
     again = capsys.readouterr().out
     assert again.count(": finished") == 20 and "completed" not in again
 
-    if importlib.util.find_spec("gpt2lab.experiments.report") is not None:
-        assert main(["report", str(out)]) == 0
-        shown = capsys.readouterr().out
-        assert "full+adamw" in shown and "lora-r8-qv+adaprelora" in shown
+    assert main(["report", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "full+adamw" in shown and "lora-r8-qv+adaprelora" in shown and "| 2 |" in shown  # n = 2 seeds
+    assert {p.name for p in out.iterdir() if p.is_file()} >= {"report.md", "report.csv", "memory-quick.png"}
+    # the quick grid keeps records only (keep = "record"): no weights left behind
+    assert {p.name for p in out.glob("*/*")} == {"record.json"}
 
 
 def test_grid_object_runs_in_python(tmp_path, tokenizer, sonnet_data):
