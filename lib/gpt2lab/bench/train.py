@@ -13,8 +13,9 @@ weight decay on the matrices), one after the other in this process. The clock st
 stops after the last one, with CUDA synchronised at both ends. `--loop minimal` times instead a bare loop that
 does the loop's step (task.loss, backward, gradient clipping, optimizer step) on batches collated beforehand and
 without the loop's one wait per step for the loss: the gap between the two is the loop's own overhead
-(tokenising each batch, the loss.item()). `--compile` is the loop's own option (`TrainConfig.compile`: our
-blocks compiled in place, transformers' model whole); shapes change from batch to batch, so give a few warm-ups.
+(tokenising each batch, the loss.item()). `--compile` is the loop's own option (`TrainConfig.compile`: each
+model compiled whole, in place; our cloze path's `hidden_states` and `head` calls run eagerly); shapes change from
+batch to batch, so give a few warm-ups.
 
 FLOPs (model FLOPs, PaLM, Chowdhery et al. 2022, appendix B), for a batch of B rows padded to T tokens:
 
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import time
@@ -152,12 +152,6 @@ def count_epoch(task, args) -> dict:
             "epoch_tokens": tokens * epoch_pairs / pairs, "scaled": epoch_pairs != pairs}  # fmt: skip
 
 
-def _has_field(name: str) -> bool:
-    from ..train import TrainConfig
-
-    return name in {f.name for f in dataclasses.fields(TrainConfig)}
-
-
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -168,13 +162,6 @@ def make_optimizer(model, lr):
     from ..optim import AdamW, decay_groups
 
     return AdamW(decay_groups(model, 0.01), lr=lr)
-
-
-def compile_blocks(model) -> None:
-    """torch.compile each transformer block in place (both models keep theirs in `transformer.h`). The blocks, not
-    the model: the paraphrase loss calls our model's `hidden_states`, which a compiled model's forward skips."""
-    for block in model.transformer.h:
-        block.compile()
 
 
 class _Counted:
@@ -193,8 +180,8 @@ class _Counted:
 
 def first_batch_losses(ours, ref, task, batch_size: int, seed: int) -> dict:
     """The loss of both models on the loop's first batch, fp32, dropout off: equal when the weights are."""
+    from ..batches import epoch_order
     from ..tasks import to_device
-    from ..train import epoch_order
 
     order = epoch_order(len(task.train_set), seed, 0)
     batch = task.collate([task.train_set[i] for i in order[:batch_size]])
@@ -213,15 +200,10 @@ def first_batch_losses(ours, ref, task, batch_size: int, seed: int) -> dict:
 def _train_config(args, steps: int | None, n_train: int, seed: int):
     from ..train import TrainConfig
 
-    options = {}
-    if args.length_batching and _has_field("length_batching"):
-        options["length_batching"] = True
-    if args.compile and _has_field("compile"):
-        options["compile"] = True
     epochs = 1 if steps is None else math.ceil(steps / math.ceil(n_train / args.batch_size))
     return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=1e-4, max_steps=steps, evaluate=False,
                        out_dir=None, progress=False, seed=seed, amp=None if args.amp == "none" else args.amp,
-                       **options)  # fmt: skip
+                       length_batching=args.length_batching, compile=args.compile)  # fmt: skip
 
 
 def time_course_loop(model, task, args, seed: int = 0) -> tuple[float, list]:
@@ -256,17 +238,16 @@ def time_minimal_loop(model, task, args, seed: int = 0) -> tuple[float, list]:
     """The loop's step on batches collated (and pinned) beforehand, no per-step wait: (seconds, masks).
 
     The batches are the loop's (its epoch-0 order, or its `length_batches` with --length-batching)."""
-    from .. import train as loop
+    from ..batches import epoch_order, example_length, length_batches
     from ..tasks import to_device
-    from ..train import epoch_order
 
     device = torch.device(args.device)
     n, size = args.warmup + args.steps, args.batch_size
     order = epoch_order(len(task.train_set), seed, 0)
     indices = [order[(k * size) % len(order) :][:size] for k in range(n)]  # the loop's batches, epoch 0
-    if args.length_batching and hasattr(loop, "length_batches"):  # the loop's length batching, when it has one
-        lengths = [len(task.encode(pair)[0]) for pair in task.train_set]
-        drawn = loop.length_batches(lengths, size, seed, 0)
+    if args.length_batching:  # the loop's length batching
+        lengths = [example_length(task, pair) for pair in task.train_set]
+        drawn = length_batches(lengths, size, seed, 0)
         indices = [drawn[k % len(drawn)] for k in range(n)]
     batches = [task.collate([task.train_set[i] for i in idx]) for idx in indices]
     if device.type == "cuda":
@@ -340,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from .. import train as train_module
+    from ..train import compile_model
     from .model import build_pair
 
     device = torch.device(args.device)
@@ -354,19 +335,14 @@ def _main(args) -> int:
     losses = first_batch_losses(ours, ref, task, args.batch_size, seed=0)
 
     notes = []
-    if args.length_batching and not _has_field("length_batching"):
-        notes.append("--length-batching: this TrainConfig has no length_batching field; batches drawn at random")
-    if args.compile and args.loop == "course" and _has_field("compile"):
+    if args.compile and args.loop == "course":
         notes.append("--compile: the loop's TrainConfig(compile=True) (gpt2lab.train.compile_model)")
-    elif args.compile:  # the minimal loop, or a loop without the option: the loop's way when it has one
-        compile_fn = getattr(train_module, "compile_model", compile_blocks)
+    elif args.compile:  # the minimal loop: compiled the loop's way, before timing
         for model in (ours, ref):
-            compile_fn(model)
-        notes.append(f"--compile: {compile_fn.__module__}.{compile_fn.__name__} on both models before timing")
+            compile_model(model)
+        notes.append("--compile: gpt2lab.train.compile_model on both models before timing")
     if args.amp == "none" and peak is not None:
         notes.append("fp32 (--amp none): MFU is still against the bf16 peak")
-    if args.length_batching and args.loop == "minimal" and not hasattr(train_module, "length_batches"):
-        notes.append("--length-batching: gpt2lab.train has no length_batches; batches drawn at random")
     timer = time_course_loop if args.loop == "course" else time_minimal_loop
 
     results = {}

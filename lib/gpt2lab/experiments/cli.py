@@ -130,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _finish() -> None:
     """Leave torchrun's process group cleanly (gpt2lab.parallel), when one was joined."""
-    from .runner import _parallel
+    from .. import parallel
 
-    parallel = _parallel()
-    if parallel is not None and hasattr(parallel, "destroy"):
-        parallel.destroy()
+    parallel.destroy()

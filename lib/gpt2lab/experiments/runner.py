@@ -25,7 +25,6 @@ settings (resolved), grid (name), world_size}: what `experiments.report` groups 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import io
 import json
@@ -34,7 +33,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import runs
+from .. import parallel, runs
 from .grid import Grid, load_grid, task_name
 from .methods import BUDGET_KEYS, Method, build, parse_method, resolve_settings
 
@@ -49,27 +48,15 @@ WEIGHT_NOTES = {
 # ---------------------------------------------------------------------------------------------- processes
 
 
-def _parallel():
-    """gpt2lab.parallel when it exists (torchrun support), else None."""
-    try:
-        from .. import parallel
-    except ImportError:
-        return None
-    return parallel
-
-
 _STARTED: dict = {}
 
 
 def start(device=None):
     """(rank, world_size, device): joins torchrun's process group when launched by it (gpt2lab.parallel), once."""
     if "device" not in _STARTED:
-        parallel = _parallel()
         from ..environment import pick_device
 
-        rank, world, dev = 0, 1, None
-        if parallel is not None and hasattr(parallel, "init_from_env"):
-            rank, world, dev = parallel.init_from_env()  # (0, 1, None) for a single process
+        rank, world, dev = parallel.init_from_env()  # (0, 1, None) for a single process
         dev = dev if dev is not None else pick_device()
         _STARTED.update(rank=rank, world_size=world, device=dev)
     if device is not None:
@@ -80,8 +67,7 @@ def start(device=None):
 
 
 def is_main() -> bool:
-    parallel = _parallel()
-    return parallel.is_main() if parallel is not None and hasattr(parallel, "is_main") else True
+    return parallel.is_main()
 
 
 def say(message: str) -> None:
@@ -213,20 +199,17 @@ def _total_steps(n_train: int, settings: dict) -> int:
     return min(steps, settings["max_steps"]) if settings["max_steps"] is not None else steps
 
 
+# the settings that are TrainConfig fields of the same name
+LOOP_KEYS = ("epochs", "batch_size", "lr", "max_steps", "warmup_steps", "schedule", "grad_clip", "amp", "patience",
+             "eval_every", "log_every", "length_batching", "compile")
+
+
 def train_config(settings: dict, *, seed: int, method: Method, out: Path, name: str, block: dict, progress: bool):
-    """The TrainConfig of a run; length_batching and compile only when the loop has them."""
+    """The TrainConfig of a run."""
     from ..train import TrainConfig
 
-    cfg = dict(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-               max_steps=settings["max_steps"], warmup_steps=settings["warmup_steps"], schedule=settings["schedule"],
-               grad_clip=settings["grad_clip"], amp=settings["amp"], patience=settings["patience"],
-               eval_every=settings["eval_every"], log_every=settings["log_every"], seed=seed, method=method.name,
-               out_dir=str(out), run_name=name, resume=True, progress=progress, extra={"experiment": block})
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for key in ("length_batching", "compile"):
-        if key in fields:
-            cfg[key] = settings[key]
-    return TrainConfig(**cfg)
+    return TrainConfig(**{k: settings[k] for k in LOOP_KEYS}, seed=seed, method=method.name, out_dir=str(out),
+                       run_name=name, resume=True, progress=progress, extra={"experiment": block})
 
 
 def _limit(limit):
