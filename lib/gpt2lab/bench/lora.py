@@ -44,21 +44,26 @@ import torch
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m gpt2lab.bench lora", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl (default gpt2)")
+def add_step_arguments(p: argparse.ArgumentParser, tiny: str) -> None:
+    """The options of the suites that time training steps setting by setting (lora, lora_optim)."""
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--ranks", default=",".join(map(str, RANKS)), help="comma-separated LoRA ranks (default 1..64)")
-    p.add_argument("--targets", default="q,v", help="LoRA targets (gpt2lab.lora.TARGETS names; default q,v)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per setting (after 2 warm-ups)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each setting in a fresh process (default: on a CPU only)")  # fmt: skip
-    p.add_argument("--tiny", action="store_true", help="tiny sizes, ranks 1 and 4: a smoke run in seconds")
+    p.add_argument("--tiny", action="store_true", help=tiny)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one setting, print JSON
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m gpt2lab.bench lora", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl (default gpt2)")
+    add_step_arguments(p, tiny="tiny sizes, ranks 1 and 4: a smoke run in seconds")
+    p.add_argument("--ranks", default=",".join(map(str, RANKS)), help="comma-separated LoRA ranks (default 1..64)")
+    p.add_argument("--targets", default="q,v", help="LoRA targets (gpt2lab.lora.TARGETS names; default q,v)")
     args = p.parse_args(argv)
     try:
         args.rank_list = [int(r) for r in args.ranks.split(",") if r.strip()]

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .lora import _current_mb, _lifetime_peak_mb, _sync, run_isolated, with_threads
+from .lora import _current_mb, _lifetime_peak_mb, _sync, add_step_arguments, run_isolated, with_threads
 
 SETTINGS = ("adamw", "adaprelora", "adaprelora-sgd", "adaprelora-gram", "scaled-adamw")
 
@@ -103,18 +103,9 @@ def _measure_isolated(setting: str, args) -> dict:
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m gpt2lab.bench lora_optim", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=128)
+    add_step_arguments(p, tiny="a tiny model: a smoke run in seconds")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per setting (after 2 warm-ups)")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)}")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="each setting in a fresh process (default: on a CPU only)")  # fmt: skip
-    p.add_argument("--tiny", action="store_true", help="a tiny model: a smoke run in seconds")
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one setting, print JSON
     args = p.parse_args(argv)
     args.setting_list = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in args.setting_list if s not in SETTINGS]
