@@ -158,10 +158,10 @@ def _sync(device):
 
 
 def make_optimizer(model, lr):
-    """The course's AdamW, weight decay 0.01 on the matrices (the default full fine-tuning optimizer)."""
-    from ..optim import AdamW, decay_groups
+    """The grid's full+adamw optimizer (`gpt2lab.experiments.methods.adamw`): AdamW, weight decay 0.01 on matrices."""
+    from ..experiments.methods import adamw
 
-    return AdamW(decay_groups(model, 0.01), lr=lr)
+    return adamw(model, lr)
 
 
 class _Counted:
