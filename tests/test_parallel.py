@@ -310,6 +310,9 @@ def test_example_length_of_both_tasks(tokenizer):
                                                                    for p in cloze.train_set]
     with pytest.raises(TypeError, match="example_length"):
         example_length(object(), 3.5)
+    # measured once per pair: the runs of a grid share the task, so the training set is tokenised once
+    cloze.encode = lambda pair: pytest.fail("a pair's length was measured twice")
+    assert [example_length(cloze, p) for p in cloze.train_set] == [cloze._lengths[p] for p in cloze.train_set]
 
 
 def test_train_draws_length_batches_and_resumes_exactly(tmp_path):

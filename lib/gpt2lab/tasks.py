@@ -540,6 +540,7 @@ class ParaphraseTask(Task):
         self.eval_batch_size = eval_batch_size
         self.progress = progress
         self.train_set, self.dev_set, self.test_set = list(train_pairs), list(dev_pairs), list(test_pairs)
+        self._lengths: dict = {}  # pair -> prompt tokens, for example_length
         self._check_answer_tokens()
         self._overhead = len(tokenizer.encode(cloze_prompt("", "")))
         if self._overhead + 2 > max_length:
@@ -583,6 +584,14 @@ class ParaphraseTask(Task):
                 t2 = t2[: max(len(t2) - excess, 0)]
             ids = self.tokenizer.encode(cloze_prompt(self.tokenizer.decode(t1), self.tokenizer.decode(t2)))
         return ids, True
+
+    def example_length(self, pair) -> int:
+        """Tokens of one pair's prompt, for batching by length (`gpt2lab.batches`, notebook 09). Kept once measured:
+        the runs of a grid share this task, and tokenising 141k pairs takes about 15 s."""
+        length = self._lengths.get(pair)
+        if length is None:
+            length = self._lengths[pair] = len(self.encode(pair)[0])
+        return length
 
     def collate(self, pairs, padding_side: str = "right") -> dict:
         """input_ids, attention_mask (B, T) and labels (B,) (labels only when every pair has one)."""
